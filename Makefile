@@ -1,0 +1,67 @@
+# onestep_bench. Every target that needs Python depends on `install`, so on a
+# fresh machine `make bench METHOD=drifting` and `make test` work first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+METHOD  ?= drifting
+DATASET ?= toy2d:8gaussians
+SEED    ?= 0
+NFE     ?=
+EXP     ?=
+SWEEP   ?=
+ARGS    ?=
+NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
+
+.PHONY: help install bench bench-all sweep leaderboard test test-slow lint clean
+
+help:  ## Show this help.
+	@echo "onestep_bench: one-step generative models, benchmarked side by side."
+	@echo "  make bench METHOD=drifting [DATASET=toy2d:8gaussians SEED=0 NFE=1,2]"
+	@echo "  make test"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found; install Python 3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(STAMP)  ## Create the venv and install the package (idempotent).
+
+bench: install  ## Train + evaluate METHOD on DATASET, record results and plots.
+	$(PY) -m onestep_bench.main \
+	  --config=experiments/bench.py:method=$(METHOD),dataset=$(DATASET),seed=$(SEED) \
+	  $(NFE_FLAG) $(ARGS)
+
+bench-all: install  ## `make bench` for every method in methods/.
+	@for m in $$($(PY) -c "from onestep_bench.method import available_methods as a; print(*a())"); do \
+	  $(MAKE) --no-print-directory bench METHOD=$$m DATASET=$(DATASET) SEED=$(SEED) || exit 1; \
+	done
+
+sweep: install  ## Run sweeps SWEEP (comma list) of experiments/EXP.py.
+	@test -n "$(EXP)" -a -n "$(SWEEP)" || { echo "usage: make sweep EXP=<file in experiments/> SWEEP=<name>[,<name>]"; exit 2; }
+	$(PY) -m onestep_bench.sweeps --exp=$(EXP) --sweep=$(SWEEP) $(ARGS)
+
+leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, plots.
+	$(PY) -m onestep_bench.leaderboard --results_dir results
+
+test: install  ## Fast tests (CI runs this).
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: install  ## Slow tests only.
+	$(PY) -m pytest -q -m slow $(ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
+
+lint: install  ## ruff.
+	$(VENV)/bin/ruff check onestep_bench methods experiments tests
+
+clean:  ## Remove the venv, run dirs and caches (results/ is kept).
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections) and named ablation sweeps."""

@@ -1,0 +1,1 @@
+"""Method plug-ins: one module per method (see methods/README.md)."""

@@ -1,0 +1,78 @@
+"""The only module that touches orbax: an async CheckpointManager wrapper.
+
+Restores fall back from a corrupt or truncated latest checkpoint to the
+previous one (with a warning); if checkpoints exist but none can be read, the
+run stops with an error and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint although some exist."""
+
+
+class Checkpointer:
+  """Saves / restores the TrainState pytree under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=True))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Async save of `state` at `step` (returns whether a save started)."""
+    return self._mngr.save(step, args=ocp.args.StandardSave(state),
+                           force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._mngr.reached_preemption(step)
+
+  def restore_latest(self, target: Any) -> Any | None:
+    """Newest readable checkpoint restored into `target`'s structure.
+
+    Args:
+      target: a pytree of arrays or jax.ShapeDtypeStruct with shardings.
+
+    Returns:
+      The restored state, or None when there is no checkpoint.
+
+    Raises:
+      CheckpointError: checkpoints exist, none is readable.
+    """
+    self._mngr.wait_until_finished()
+    steps = self.all_steps()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    for step in reversed(steps):
+      try:
+        return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); '
+                        'falling back to the previous one.', step,
+                        self.directory, type(e).__name__, e)
+    if steps:
+      raise CheckpointError(
+          f'No readable checkpoint in {self.directory} (steps {steps}). '
+          'Nothing was deleted; move the directory away to start fresh, or '
+          'check that the config matches the run that wrote it.')
+    return None
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

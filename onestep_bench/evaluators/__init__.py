@@ -1,0 +1,1 @@
+"""Evaluators: one sampling + scoring path for every method (see runner.py)."""

@@ -1,0 +1,53 @@
+"""CLI: flags -> `train_and_evaluate(config, workdir)` -> results CSVs.
+
+  python -m onestep_bench.main \
+    --config=experiments/bench.py:method=drifting,dataset=toy2d:8gaussians \
+    [--config.train.num_steps=500] [--workdir=runs/...] [--results_dir=results]
+"""
+
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from onestep_bench import sharding, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run dir (default: runs/'
+                               '<method>/<dataset>/<protocol>_seed<k>).')
+_RESULTS = flags.DEFINE_string('results_dir', 'results', "Where runs.csv and "
+                               "leaderboards live; '' to record nothing.")
+
+
+def main(argv):
+  del argv
+  sharding.maybe_initialize_distributed()
+  config = _CONFIG.value
+  # Any override outside evals.* makes the run 'custom' (not leaderboard-
+  # comparable with the protocol's other rows).
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  if set(overrides) - {'evals'}:
+    config.protocol = 'custom'
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', config.method.name, config.data.name.replace(':', '_'),
+      f'{config.protocol}_seed{config.seed}')
+  summary = train.train_and_evaluate(config, workdir,
+                                     command=shlex.join(['python', '-m',
+                                                         'onestep_bench.main',
+                                                         *sys.argv[1:]]))
+  if _RESULTS.value:
+    from onestep_bench import leaderboard  # pylint: disable=g-import-not-at-top
+    rows = leaderboard.record(summary, _RESULTS.value)
+    logging.info('Recorded %d rows in %s', len(rows), _RESULTS.value)
+  for rec in summary['evals']:
+    m = rec['metrics']
+    print(f'RESULT {summary["method"]} {summary["dataset"]} nfe={rec["nfe"]} '
+          + ' '.join(f'{k}={v:.4g}' for k, v in m.items()
+                     if isinstance(v, float)))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

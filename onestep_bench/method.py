@@ -1,0 +1,234 @@
+"""The method plug-in contract: `TrainState` and the `Method` base class.
+
+Every method lives in `methods/<name>.py`, defines `Method(onestep_bench.method
+.Method)` and `get_config()`. The harness never names a method; it loads one by
+convention (`load_method`). All arrays a method needs live in one `TrainState`
+pytree, so the harness can jit, shard and checkpoint any method the same way.
+The method object itself is static: it holds configuration and the backbone
+definition, never arrays that change during training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Container, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from onestep_bench import models
+from onestep_bench.data import DataSpec
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  Attributes:
+    step: int32 scalar, number of optimizer steps taken.
+    params: the generator (student) parameters.
+    opt_state: optax state of `params`.
+    ema_params: exponential moving average of `params`; evaluation samples
+      from these.
+    extras: method-owned arrays (frozen teacher, critic params and their
+      optimizer state, slow EMA copies, memory banks, ...). Checkpointed and
+      sharded like everything else.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  ema_params: PyTree
+  extras: dict[str, PyTree]
+
+
+class AnyNFE(Container):
+  """`supported_nfe` for samplers defined at every positive step count."""
+
+  def __contains__(self, nfe: object) -> bool:
+    return isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1
+
+  def __repr__(self) -> str:
+    return 'any NFE >= 1'
+
+
+class UnsupportedNFEError(ValueError):
+  """Raised when a sampler is asked for a step count it does not define."""
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The shared optimizer: AdamW + warmup/cosine or constant schedule.
+
+  Args:
+    train: `config.train` with `lr`, `b1`, `b2`, `weight_decay`,
+      `warmup_steps`, `schedule` ('constant' | 'cosine'), `num_steps`,
+      `grad_clip` (0 disables clipping).
+
+  Returns:
+    An optax transformation.
+  """
+  if train.schedule == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, train.lr, max(train.warmup_steps, 1), max(train.num_steps, 2))
+  elif train.schedule == 'constant':
+    lr = optax.linear_schedule(0.0, train.lr, max(train.warmup_steps, 1))
+  else:
+    raise ValueError(
+        f"config.train.schedule={train.schedule!r}: use 'constant' or 'cosine'.")
+  chain = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip else []
+  chain.append(optax.adamw(lr, b1=train.b1, b2=train.b2,
+                           weight_decay=train.weight_decay))
+  return optax.chain(*chain)
+
+
+class Method:
+  """Base class of every method plug-in.
+
+  Subclasses implement `loss` and `sample`, and set `supported_nfe`. The
+  default `init`/`train_step` cover single-network methods: one backbone
+  (`self.net`), one optimizer, an EMA of the parameters. Methods with several
+  networks or optimizers override `init` and `train_step`.
+
+  Attributes:
+    supported_nfe: step counts `sample` honours exactly, e.g. `(1,)`, or
+      `AnyNFE()`.
+    config: the full run config (read-only); `config.method` holds the
+      method's own keys.
+    spec: shape / label information of the data.
+    net: the shared backbone, `net.apply(params, x, t, h, y)`.
+    tx: the optimizer of `params`.
+  """
+
+  supported_nfe: Container[int] = (1,)
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
+    self.config = config
+    self.mcfg = config.method
+    self.spec = spec
+    self.net = models.build(config.model, spec)
+    self.tx = make_optimizer(config.train)
+
+  # ----------------------------------------------------------------- training
+  def init(self, key: jax.Array, example_batch: Batch) -> TrainState:
+    """Initial state: fresh backbone params, optimizer state, EMA = params."""
+    del example_batch
+    params = self.net.init(key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        ema_params=params,
+        extras=self.init_extras(key, params))
+
+  def init_extras(self, key: jax.Array, params: PyTree) -> dict[str, PyTree]:
+    """Method-owned state; override to add slow EMAs, memory banks, ..."""
+    del key, params
+    return {}
+
+  def loss(self, params: PyTree, batch: Batch, key: jax.Array,
+           state: TrainState) -> tuple[jax.Array, Metrics]:
+    """Scalar training loss and metrics for one batch (pure, jit-able)."""
+    raise NotImplementedError
+
+  def train_step(self, state: TrainState, batch: Batch,
+                 key: jax.Array) -> tuple[TrainState, Metrics]:
+    """One optimizer step: grad(loss) -> optax -> EMA.
+
+    Metrics always include `loss`, `grad_norm`, `param_norm` plus whatever
+    `loss` returns.
+    """
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, key, state)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = self.update_ema(state.ema_params, params, state.step)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    new = state.replace(step=state.step + 1, params=params,
+                        opt_state=opt_state, ema_params=ema)
+    return new, metrics
+
+  def update_ema(self, ema: PyTree, params: PyTree, step: jax.Array) -> PyTree:
+    """EMA with decay `config.train.ema_decay`, warmed up as min(d, (1+n)/(10+n)).
+
+    The warm-up keeps short (smoke / toy) runs from evaluating an EMA that is
+    still dominated by the random init.
+    """
+    decay = self.config.train.ema_decay
+    n = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return optax.incremental_update(params, ema, 1.0 - d)
+
+  # ----------------------------------------------------------------- sampling
+  def sample(self, params: PyTree, key: jax.Array, n: int, *, nfe: int,
+             labels: jax.Array | None = None,
+             guidance: float | None = None) -> jax.Array:
+    """Draws `n` samples with exactly `nfe` backbone evaluations.
+
+    Args:
+      params: generator params (the harness passes `ema_params`).
+      key: PRNG key; same key -> same samples.
+      n: number of samples (static).
+      nfe: number of function evaluations (static); must be supported.
+      labels: [n] int32 class labels, or None (unconditional).
+      guidance: CFG scale for methods that take it as an input.
+
+    Returns:
+      [n, *spec.shape] float32 samples in data space.
+    """
+    raise NotImplementedError
+
+  def check_nfe(self, nfe: int) -> None:
+    """Raises `UnsupportedNFEError` naming the supported values."""
+    if nfe not in self.supported_nfe:
+      raise UnsupportedNFEError(
+          f'{type(self).__module__} does not define sampling with nfe={nfe}; '
+          f'supported: {self.supported_nfe!r}. Pick one of those in '
+          f'config.evals.<name>.nfe.')
+
+  # ------------------------------------------------------------------ helpers
+  def apply(self, params: PyTree, x: jax.Array, t: jax.Array,
+            h: jax.Array | None = None, y: jax.Array | None = None) -> jax.Array:
+    """Backbone call with per-sample times broadcast to [B]."""
+    b = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    h = jnp.zeros((b,), jnp.float32) if h is None else jnp.broadcast_to(
+        jnp.asarray(h, jnp.float32), (b,))
+    return self.net.apply(params, x, t, h, y)
+
+  def noise(self, key: jax.Array, n: int) -> jax.Array:
+    """Standard-normal prior sample, [n, *spec.shape]."""
+    return jax.random.normal(key, (n, *self.spec.shape), jnp.float32)
+
+
+# -------------------------------------------------------------------- loading
+def available_methods() -> list[str]:
+  """Names of all modules in `methods/` (the plug-in registry)."""
+  import methods  # pylint: disable=g-import-not-at-top
+  return sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
+                if not m.name.startswith('_'))
+
+
+def method_module(name: str):
+  """Imports `methods.<name>`, with a clear error for unknown names."""
+  if name not in available_methods():
+    raise ValueError(f'Unknown method {name!r}. Available: '
+                     f'{", ".join(available_methods())}. Add a method by '
+                     'creating methods/<name>.py (see methods/README.md).')
+  return importlib.import_module(f'methods.{name}')
+
+
+def load_method(config: ml_collections.ConfigDict, spec: DataSpec) -> Method:
+  """Instantiates `methods.<config.method.name>.Method(config, spec)`."""
+  module = method_module(config.method.name)
+  cls: Callable[..., Method] = module.Method
+  return cls(config, spec)

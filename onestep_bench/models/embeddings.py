@@ -1,0 +1,57 @@
+"""Time and label embeddings shared by all backbones."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sinusoidal(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """GLIDE/DiT sinusoidal embedding of raw times t in [0, 1] ([cos, sin]).
+
+  Times are scaled by 1000 before the embedding so [0, 1] spans many periods
+  of the low frequencies (the MeanFlow code feeds raw t into a 256-d
+  embedding of the same form; the scale is a backbone detail, applied to t
+  and h alike).
+
+  Args:
+    t: [B] float times.
+    dim: even embedding width.
+    max_period: lowest frequency's period.
+
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / half)
+  args = 1000.0 * t[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+
+
+class TimeEmbed(nnx.Module):
+  """sinusoidal(t) -> Linear -> SiLU -> Linear (DiT `TimestepEmbedder`)."""
+
+  def __init__(self, out: int, freq_dim: int, *, rngs: nnx.Rngs):
+    self.freq_dim = freq_dim
+    init = nnx.initializers.normal(0.02)
+    self.fc1 = nnx.Linear(freq_dim, out, kernel_init=init, rngs=rngs)
+    self.fc2 = nnx.Linear(out, out, kernel_init=init, rngs=rngs)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.fc2(nnx.silu(self.fc1(sinusoidal(t, self.freq_dim))))
+
+
+class LabelEmbed(nnx.Module):
+  """Class table with one extra row, index `num_classes`, for the null label."""
+
+  def __init__(self, num_classes: int, out: int, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.table = nnx.Embed(num_classes + 1, out,
+                           embedding_init=nnx.initializers.normal(0.02),
+                           rngs=rngs)
+
+  def __call__(self, y: jax.Array | None, batch: int) -> jax.Array:
+    if y is None:
+      y = jnp.full((batch,), self.num_classes, jnp.int32)
+    return self.table(y)

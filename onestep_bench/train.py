@@ -1,0 +1,206 @@
+"""`train_and_evaluate(config, workdir)`: the one training + evaluation loop.
+
+Shared by every method. Read top to bottom: setup, state (fresh or resumed),
+the jitted multi-step dispatch, the loop (logging, non-finite check,
+checkpoints, preemption), evaluation, summary.
+
+RNG: step `i` uses `fold_in(root, i)` (split into data / method keys), and
+batches are drawn inside the jitted step, so a resumed run is bitwise equal
+to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from onestep_bench import checkpoint, data, sharding, writers
+from onestep_bench.evaluators import runner
+from onestep_bench.method import Method, TrainState, load_method
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ============================================================== helpers
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """12-hex hash of the config without the seed (seeds of one config share
+  it, so the leaderboard can aggregate them)."""
+  d = config.to_dict()
+  d.pop('seed', None)
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
+                        .encode()).hexdigest()[:12]
+
+
+def git_sha() -> str:
+  """Short SHA of the code that ran (+dirty if uncommitted changes)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root,
+                         capture_output=True, text=True, check=True,
+                         timeout=10).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'],
+                           cwd=root, capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+    return sha + ('+dirty' if dirty else '')
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def versions() -> dict[str, str]:
+  import flax, optax, orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,multiple-imports
+  return {'python': sys.version.split()[0], 'jax': jax.__version__,
+          'flax': flax.__version__, 'optax': optax.__version__,
+          'orbax': ocp.__version__, 'numpy': np.__version__}
+
+
+def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int):
+  """jit(state, root_key, n) -> (state, stacked metrics) for n steps."""
+  def one_step(root_key, state: TrainState, _):
+    data_key, method_key = jax.random.split(
+        jax.random.fold_in(root_key, state.step))
+    b = sharding.shard_batch(dataset.sample(data_key, batch), mesh)
+    return method.train_step(state, b, method_key)
+
+  @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
+  def chunk(state, root_key, n):
+    return jax.lax.scan(functools.partial(one_step, root_key), state,
+                        length=n)
+  return chunk
+
+
+# ============================================================== main loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       *, command: str | None = None) -> dict[str, Any]:
+  """Trains `config.method` on `config.data`, evaluates, writes summary.json.
+
+  Args:
+    config: a full config (see experiments/bench.py).
+    workdir: run directory (checkpoints, metrics.jsonl, samples, summary).
+    command: the reproducing command recorded in the summary.
+
+  Returns:
+    The summary dict (also written to `workdir/summary.json`).
+  """
+  # ---------------------------------------------------------------- setup
+  is_main = jax.process_index() == 0
+  tc = config.train
+  dataset = data.build(config.data)
+  method = load_method(config, dataset.spec)
+  mesh = sharding.make_mesh(config.mesh)
+  if tc.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size={tc.batch_size} is not '
+                     f'divisible by the {mesh.size} data-parallel devices.')
+  for name, ev in config.evals.items():
+    runner.eval_nfes(method, ev, name)  # fail before any compile
+  os.makedirs(workdir, exist_ok=True)
+  writer = writers.create_writer(workdir, is_main=is_main)
+  root = jax.random.key(config.seed)
+  init_key, train_key, eval_key = jax.random.split(root, 3)
+
+  # ---------------------------------------------------------------- state
+  repl = sharding.replicated(mesh)
+  example = dataset.sample(jax.random.key(0), 2)
+  init = jax.jit(method.init, out_shardings=repl)
+  state = init(init_key, example)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  writer.write_hparams(config.to_dict())
+
+  # ---------------------------------------------------------------- train
+  chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size)
+  step = int(state.step)
+  t_start, t_steady, steps_timed, first = time.perf_counter(), 0.0, 0, True
+  bar = tqdm(total=tc.num_steps, initial=step, desc='train', unit='step',
+             disable=not is_main, dynamic_ncols=True, mininterval=1.0)
+  while step < tc.num_steps:
+    # Chunks end on checkpoint boundaries so every save sees a whole chunk.
+    ce = tc.checkpoint_every_steps
+    n = min(tc.steps_per_dispatch, tc.num_steps - step, ce - step % ce)
+    t0 = time.perf_counter()
+    state, metrics = chunk_fn(state, train_key, n)
+    metrics = jax.device_get(metrics)
+    dt = time.perf_counter() - t0
+    if not first:  # the first chunk includes compilation
+      t_steady, steps_timed = t_steady + dt, steps_timed + n
+    first = False
+    losses = np.asarray(metrics['loss'])
+    if not np.all(np.isfinite(losses)):
+      bad = step + int(np.argmin(np.isfinite(losses))) + 1
+      last = ckpt.all_steps()
+      raise NonFiniteError(
+          f'Non-finite loss at step {bad} (steps {step + 1}..{step + n} were '
+          f'in this dispatch). Last good checkpoint: '
+          f'{last[-1] if last else None} in {ckpt.directory}. Lower '
+          'config.train.lr or set config.train.grad_clip.')
+    prev, step = step, step + n
+    bar.update(n)
+    if step // tc.log_every_steps > prev // tc.log_every_steps or (
+        step == tc.num_steps):
+      scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
+      writer.write_scalars(step, scalars)
+      bar.set_postfix(loss=f'{scalars["loss"]:.4g}')
+    if step % ce == 0 or step == tc.num_steps or ckpt.reached_preemption(step):
+      ckpt.save(step, state, force=True)
+      if ckpt.reached_preemption(step):
+        ckpt.close()
+        raise SystemExit(f'Preempted at step {step}; checkpoint saved.')
+  bar.close()
+  ckpt.wait()
+  t_train = time.perf_counter() - t_start
+  writer.flush()
+
+  # ---------------------------------------------------------------- eval
+  results = runner.evaluate(method, state.ema_params, dataset, config.evals,
+                            workdir if is_main else None, eval_key,
+                            seed=config.seed)
+  for rec in results:
+    writer.write_scalars(step, {f'eval/{rec["eval"]}/nfe{rec["nfe"]}/{k}': v
+                                for k, v in rec['metrics'].items()})
+
+  # ---------------------------------------------------------------- summary
+  summary = {
+      'method': config.method.name, 'dataset': config.data.name,
+      'seed': int(config.seed), 'protocol': config.get('protocol', 'custom'),
+      'conditional': dataset.spec.num_classes > 0, 'guidance': None,
+      'config_hash': config_hash(config), 'git_sha': git_sha(),
+      'versions': versions(),
+      'device': {'platform': jax.devices()[0].platform,
+                 'kind': jax.devices()[0].device_kind,
+                 'count': jax.device_count(),
+                 'processes': jax.process_count()},
+      'steps': step, 'batch_size': int(tc.batch_size),
+      'examples_seen': step * int(tc.batch_size), 'params': int(num_params),
+      'train_wall_s': round(t_train, 3),
+      'train_step_ms': (round(1e3 * t_steady / steps_timed, 4)
+                        if steps_timed else None),
+      'command': command or shlex.join(sys.argv),
+      'workdir': workdir, 'config': json.loads(config.to_json()),
+      'evals': results,
+  }
+  if is_main:
+    tmp = os.path.join(workdir, 'summary.json.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=1, default=float)
+    os.replace(tmp, os.path.join(workdir, 'summary.json'))
+  writer.close()
+  ckpt.close()
+  return summary

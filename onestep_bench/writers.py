@@ -1,0 +1,88 @@
+"""Metric writers with clu's `MetricWriter` method names, TensorFlow-free.
+
+`clu.metric_writers` imports TensorFlow, so the default writer here is a JSONL
+file (one `{"step": s, **scalars}` object per line) plus the absl log; a
+TensorBoard writer from clu is added only when TensorFlow is installed
+(extra `[tb]`) and `use_tensorboard=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+
+def _py(v: Any) -> Any:
+  a = np.asarray(v)
+  return a.item() if a.ndim == 0 else a.tolist()
+
+
+class JsonlWriter:
+  """Appends scalars to `workdir/metrics.jsonl` (clu MetricWriter API)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._f = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._f.write(json.dumps({'step': int(step),
+                              **{k: _py(v) for k, v in scalars.items()}}) + '\n')
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._f.write(json.dumps({'hparams': {k: str(v) for k, v in
+                                          hparams.items()}}) + '\n')
+
+  def flush(self) -> None:
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+class LogWriter:
+  """Scalars to the absl log (clu `LoggingWriter` equivalent)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    logging.info('[%d] %s', step, ', '.join(
+        f'{k}={_py(v):.4g}' if np.ndim(v) == 0 else f'{k}={_py(v)}'
+        for k, v in sorted(scalars.items())))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    del hparams
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class MultiWriter:
+  """Fans every call out to several writers."""
+
+  def __init__(self, writers: list[Any]):
+    self.writers = writers
+
+  def __getattr__(self, name: str):
+    def call(*args, **kwargs):
+      for w in self.writers:
+        getattr(w, name)(*args, **kwargs)
+    return call
+
+
+def create_writer(workdir: str, *, is_main: bool,
+                  use_tensorboard: bool = False) -> MultiWriter:
+  """JSONL + log writers on process 0; nothing elsewhere."""
+  if not is_main:
+    return MultiWriter([])
+  writers: list[Any] = [JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+                        LogWriter()]
+  if use_tensorboard:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    writers.append(metric_writers.SummaryWriter(workdir))
+  return MultiWriter(writers)
