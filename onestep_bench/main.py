@@ -48,6 +48,23 @@ def main(argv):
                      if isinstance(v, float)))
 
 
+def parse_or_exit(argv: list[str]) -> list[str]:
+  """Parses flags; any bad input exits with one line naming the fix."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise ValueError('--config is required, e.g. '
+                       '--config=experiments/bench.py:method=flow_matching')
+    return rest
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    cause = e.__cause__ or e.__context__ or e
+    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    msg = (lines[-1] if lines else type(cause).__name__).strip('"\'')
+    if isinstance(cause, (KeyError, AttributeError)):
+      msg = (f'unknown config key {msg!r}: check the spelling against '
+             'experiments/bench.py and methods/<name>.py:get_config()')
+    sys.exit(f'error: {msg}')
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_or_exit)
