@@ -10,10 +10,9 @@ from flax import nnx
 def sinusoidal(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """GLIDE/DiT sinusoidal embedding of raw times t in [0, 1] ([cos, sin]).
 
-  Times are scaled by 1000 before the embedding so [0, 1] spans many periods
-  of the low frequencies (the MeanFlow code feeds raw t into a 256-d
-  embedding of the same form; the scale is a backbone detail, applied to t
-  and h alike).
+  Raw t (not t·1000), as the official MeanFlow and TVM code embed it
+  (specs/meanflow_tvm.md §0): derivatives in t stay O(1), which matters for
+  the JVP-based targets of MeanFlow / TVM.
 
   Args:
     t: [B] float times.
@@ -25,7 +24,7 @@ def sinusoidal(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array
   """
   half = dim // 2
   freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / half)
-  args = 1000.0 * t[:, None].astype(jnp.float32) * freqs[None]
+  args = t[:, None].astype(jnp.float32) * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
 
 
