@@ -1,12 +1,10 @@
-"""Results CSVs: append runs, aggregate seeds, render LEADERBOARD.md.
+"""Results store: runs.csv (long) -> per-dataset leaderboards + LEADERBOARD.md.
 
-`results/runs.csv` is long format, one row per (run, eval, nfe, metric);
-appends are atomic (file lock + temp file + os.replace), so concurrent runs
-never lose or tear rows. `results/leaderboard/<dataset>.csv` and
-`results/LEADERBOARD.md` are regenerated from it: the latest row per seed
-wins, then mean / std / n_seeds over seeds. Rows that differ in protocol,
-conditioning, guidance, eval, NFE or sample count are never aggregated
-together. Schema: results/README.md.
+`record(summary)` appends one row per (run, eval, nfe, metric) to
+`results/runs.csv` under an exclusive lock (temp file, fsync, os.replace: no
+lost or torn rows under concurrent sweeps), then regenerates
+`results/leaderboard/<dataset>.csv` (latest row per seed, mean/std over
+seeds), `results/LEADERBOARD.md` and the plots. Schema: results/README.md.
 
   python -m onestep_bench.leaderboard [--results_dir results]
 """
@@ -14,51 +12,120 @@ together. Schema: results/README.md.
 from __future__ import annotations
 
 import argparse
-import collections
+import contextlib
 import csv
 import datetime
 import fcntl
-import glob
+import io
+import math
 import os
-import statistics
-from collections.abc import Iterable
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 RUN_COLUMNS = [
     'timestamp', 'method', 'dataset', 'protocol', 'conditional', 'guidance',
     'seed', 'eval', 'nfe', 'n_samples', 'feature_net', 'metric', 'value',
     'steps', 'batch_size', 'examples_seen', 'params', 'train_wall_s',
-    'train_step_ms', 'ms_per_sample', 'flops_per_sample', 'device',
-    'git_sha', 'config_hash', 'command', 'workdir']
+    'train_step_ms', 'ms_per_sample', 'flops_per_sample', 'device', 'git_sha',
+    'config_hash', 'command', 'workdir']
+# One leaderboard row per distinct value of these (+ the config hash for
+# protocols other than `FIXED_PROTOCOLS`: their configs differ by design).
 GROUP = ('method', 'protocol', 'conditional', 'guidance', 'eval', 'nfe',
          'n_samples', 'feature_net')
+FIXED_PROTOCOLS = ('bench', 'smoke')
 HIGHER_IS_BETTER = frozenset({'hq_frac', 'modes_covered', 'inception_score',
-                              'precision', 'recall'})
-# Columns of LEADERBOARD.md per dataset kind, primary (ranking) metric first.
-SHOWN = {'toy2d': ('sliced_w2', 'mmd_rbf', 'energy_distance', 'hq_frac',
-                   'modes_covered', 'mode_weight_tv', 'mean_err', 'cov_err')}
+                              'is', 'precision', 'recall'})
+# Shown in LEADERBOARD.md after the primary metric (the CSVs have them all).
+HEADLINE_METRICS = ('mmd_rbf', 'energy_distance', 'hq_frac', 'modes_covered',
+                    'mode_weight_tv', 'inception_score', 'precision', 'recall')
+MD_MAX_METRICS = 6
+PROTOCOL_ORDER = ('bench', 'custom', 'ablation', 'smoke')  # Only bench ranks.
+_WIDE_ID = ('dataset', 'method', 'protocol', 'conditional', 'guidance', 'eval',
+            'nfe', 'n_samples', 'feature_net', 'n_seeds', 'seeds')
+_PER_RUN = ('ms_per_sample', 'flops_per_sample', 'train_wall_s',
+            'train_step_ms')  # Wide CSV: mean over seeds.
+_WIDE_TAIL = (*_PER_RUN, 'params', 'steps', 'examples_seen', 'config_hash',
+              'git_sha', 'command')
+Tables = dict[str, tuple[list[dict[str, Any]], list[str]]]  # ds: rows, metrics
 
 
-def _write_atomic(path: str, text: str) -> None:
+def slug(dataset: str) -> str:
+  """File-name form of a dataset name ('toy2d:moons' -> 'toy2d__moons')."""
+  return dataset.replace(':', '__')
+
+
+def arrow(metric: str) -> str:
+  """'↑' if higher values of `metric` are better, else '↓'."""
+  up = metric in HIGHER_IS_BETTER or metric.startswith('is_')
+  return '↑' if up else '↓'
+
+
+def metric_name(metric: str, n_samples: int) -> str:
+  """FID-type names get the sample count ('fid' -> 'fid_50k'); others kept."""
+  floor = '_floor' if metric.endswith('_floor') else ''
+  base = metric.removesuffix('_floor')
+  if not (base == 'fid' or base.startswith('fid_')) or re.search(
+      r'_\d+k?$', base):
+    return metric
+  n = f'{n_samples // 1000}k' if n_samples % 1000 == 0 else str(n_samples)
+  return f'{base}_{n}{floor}'
+
+
+def primary_metric(metrics: Sequence[str]) -> str | None:
+  """The ranking metric: first FID metric, else 'sliced_w2', else the first."""
+  ranked = [m for m in metrics if not m.endswith('_floor')]
+  fids = [m for m in ranked if m == 'fid' or m.startswith('fid_')]
+  prefs = fids[:1] + [m for m in ranked if m == 'sliced_w2'] + ranked
+  return prefs[0] if prefs else None
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+  """Exclusive fcntl lock on `path + '.lock'` (serializes all writers)."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', encoding='utf-8', newline='') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  with open(path + '.lock', 'a', encoding='utf-8') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _csv_text(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
-  import io  # pylint: disable=g-import-not-at-top
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes `data` to `path` via a temp file in the same dir + os.replace."""
+  d = os.path.dirname(path) or '.'
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path),
+                             suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from others.
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def _csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
+              header: bool = True) -> str:
   buf = io.StringIO()
-  w = csv.DictWriter(buf, columns, lineterminator='\n')
-  w.writeheader()
-  w.writerows(rows)
+  w = csv.DictWriter(buf, list(columns), lineterminator='\n')
+  if header:
+    w.writeheader()
+  w.writerows(rows)  # Unknown keys raise ValueError; missing ones are ''.
   return buf.getvalue()
 
 
 def read_csv(path: str) -> list[dict[str, str]]:
+  """Rows of a CSV file as dicts ([] if the file does not exist)."""
   if not os.path.exists(path):
     return []
   with open(path, encoding='utf-8', newline='') as f:
@@ -67,159 +134,210 @@ def read_csv(path: str) -> list[dict[str, str]]:
 
 def atomic_append(path: str, rows: list[dict[str, Any]],
                   columns: list[str]) -> None:
-  """Appends rows under an exclusive lock via temp file + os.replace.
+  """Appends `rows` to the CSV at `path`; safe under concurrent writers.
 
   Raises:
-    ValueError: the existing file has a different header.
+    ValueError: the existing header differs from `columns`, or a row has a
+      key that is not a column.
   """
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path + '.lock', 'w', encoding='utf-8') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    old: list[dict[str, str]] = []
+  new = _csv_text(rows, columns, header=False)  # Validate before locking.
+  with _locked(path):
+    old = ''
     if os.path.exists(path):
       with open(path, encoding='utf-8', newline='') as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames and list(reader.fieldnames) != columns:
-          raise ValueError(
-              f'{path} has columns {reader.fieldnames}, expected {columns}. '
-              'Move the old file away; schemas are never mixed.')
-        old = list(reader)
-    _write_atomic(path, _csv_text([*old, *rows], columns))
+        old = f.read()
+    if old:
+      header = next(csv.reader(io.StringIO(old)))
+      if header != list(columns):
+        raise ValueError(
+            f'{path} has columns {header}, expected {list(columns)}; refusing '
+            'to mix schemas. Move the old file aside (or migrate it) first.')
+      old += '' if old.endswith('\n') else '\n'
+    else:
+      old = _csv_text([], columns)
+    atomic_write(path, old + new)
 
 
-def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-  """Long-format rows of one run summary."""
-  now = datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec='seconds')
-  dev = summary['device']
-  base = {k: summary.get(k) for k in RUN_COLUMNS if k in summary}
-  base.update(timestamp=now, device=f'{dev["kind"]} x{dev["count"]}')
+def _str(v: Any) -> str:
+  return '' if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def rows_from_summary(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+  """summary.json -> runs.csv rows, one per (eval, nfe, numeric metric)."""
+  dev = summary.get('device', '')
+  if isinstance(dev, Mapping):
+    dev = ':'.join(str(dev.get(k, '')) for k in ('platform', 'kind', 'count'))
+  now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
+  base = {c: _str(summary.get(c)) for c in RUN_COLUMNS}
+  base.update(timestamp=now, device=dev)
   rows = []
-  for rec in summary['evals']:
-    for metric, value in rec['metrics'].items():
-      rows.append({**base, 'eval': rec['eval'], 'nfe': rec['nfe'],
-                   'n_samples': rec['n_samples'],
-                   'feature_net': rec['feature_net'],
-                   'ms_per_sample': rec.get('ms_per_sample'),
-                   'flops_per_sample': rec.get('flops_per_sample'),
-                   'metric': metric, 'value': value})
+  for rec in summary.get('evals', []):
+    n = int(rec['n_samples'])
+    ev = {c: _str(rec.get(c)) for c in ('eval', 'nfe', 'feature_net',
+                                        'ms_per_sample', 'flops_per_sample')}
+    for k, v in rec['metrics'].items():
+      try:
+        value = float(v)
+      except (TypeError, ValueError):
+        continue  # Non-scalar diagnostics are not leaderboard metrics.
+      if k != 'n_samples':  # Already a column.
+        rows.append({**base, **ev, 'n_samples': str(n), 'value': repr(value),
+                     'metric': metric_name(k, n)})
   return rows
 
 
-def _fmt(mean: float, std: float | None) -> str:
-  s = f'{mean:.4g}'
-  return s if std is None else f'{s} ± {std:.2g}'
+def _num(x: Any) -> float:
+  return math.nan if x in ('', None) else float(x)
 
 
-def aggregate(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-  """Latest row per (group, metric, seed); mean/std/n over seeds, wide."""
-  latest: dict[tuple, dict[str, str]] = {}
-  for r in rows:  # file order == time order: later rows replace earlier
-    latest[tuple(r[k] for k in GROUP) + (r['metric'], r['seed'])] = r
-  by_group: dict[tuple, dict[str, Any]] = collections.defaultdict(dict)
-  values: dict[tuple, list[float]] = collections.defaultdict(list)
+def _mean_std(v: Sequence[float]) -> tuple[float, float | str]:
+  return (float(np.mean(v)),
+          float(np.std(v, ddof=1)) if len(v) > 1 else '')
+
+
+def aggregate(rows: Iterable[Mapping[str, str]]) -> Tables:
+  """runs.csv rows -> {dataset: (sorted wide rows, metric names)}."""
+  latest, order = {}, {}
+  for r in rows:  # File order: a later row for the same seed replaces it.
+    variant = '' if r['protocol'] in FIXED_PROTOCOLS else r['config_hash']
+    key = (r['dataset'], variant, *(r[c] for c in GROUP), r['metric'],
+           r['seed'])
+    latest.pop(key, None)
+    latest[key] = r  # Dict order == recency order.
+    order.setdefault(r['dataset'], {})[r['metric']] = None
+  groups = {}
   for key, r in latest.items():
-    g = key[:len(GROUP)]
-    values[g + (r['metric'],)].append(float(r['value']))
-    entry = by_group[g]
-    entry.update({k: r[k] for k in GROUP}, command=r['command'])
-    entry.setdefault('_seeds', set()).add(r['seed'])
-  out = []
-  for g, entry in by_group.items():
-    row = {k: v for k, v in entry.items() if k != '_seeds'}
-    row['n_seeds'] = len(entry['_seeds'])
-    for (*gk, metric), vals in values.items():
-      if tuple(gk) == g:
-        row[f'{metric}_mean'] = statistics.fmean(vals)
-        row[f'{metric}_std'] = statistics.stdev(vals) if len(vals) > 1 else ''
-    out.append(row)
-  return out
+    groups.setdefault(key[:-2], []).append(r)
+  tables: Tables = {ds: ([], list(ms)) for ds, ms in order.items()}
+  for rs in groups.values():
+    last = rs[-1]  # The most recently recorded row of the group.
+    row: dict[str, Any] = {c: last[c] for c in (*_WIDE_ID[:9], *_WIDE_TAIL)}
+    seeds = sorted({r['seed'] for r in rs}, key=lambda s: (len(s), s))
+    row.update(n_seeds=len(seeds), seeds=' '.join(seeds),
+               config_hash=' '.join(sorted({r['config_hash'] for r in rs})))
+    values = {}
+    for r in rs:
+      values.setdefault(r['metric'], []).append(float(r['value']))
+    for m, v in values.items():
+      row[f'{m}_mean'], row[f'{m}_std'] = _mean_std(v)
+    for c in _PER_RUN:  # One value per seed.
+      per_seed = {r['seed']: float(r[c]) for r in rs if r[c] != ''}
+      row[c] = _mean_std(list(per_seed.values()))[0] if per_seed else ''
+    tables[last['dataset']][0].append(row)
+  for wide, metrics in tables.values():
+    prim = primary_metric(metrics)
+    wide.sort(key=lambda r, p=prim: _sort_key(r, p))
+  return tables
 
 
-def _kind(dataset: str) -> str:
-  return dataset.partition(':')[0]
+def _sort_key(r: Mapping[str, Any], prim: str | None) -> tuple[Any, ...]:
+  p = r['protocol']
+  rank = PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else 99
+  v = _num(r.get(f'{prim}_mean', '')) * (-1 if arrow(prim or '') == '↑' else 1)
+  return (rank, p, int(r['nfe']), math.isnan(v), 0.0 if math.isnan(v) else v,
+          r['method'])
 
 
-def _sort_key(row: dict[str, Any], primary: str) -> tuple:
-  return (row['protocol'], int(row['nfe']),
-          float(row.get(f'{primary}_mean', float('inf')) or float('inf')))
+def _cell(r: Mapping[str, Any], m: str) -> str:
+  mean, std = r.get(f'{m}_mean', ''), r.get(f'{m}_std', '')
+  if mean == '':
+    return '–'
+  s = f'{_num(mean):.4g}' + ('' if std == '' else f' ± {_num(std):.2g}')
+  floor = r.get(f'{m}_floor_mean', '')
+  return s + ('' if floor == '' else f' (floor {_num(floor):.2g})')
 
 
-def _markdown(dataset: str, rows: list[dict[str, Any]]) -> list[str]:
-  shown = [m for m in SHOWN.get(_kind(dataset), ())
-           if any(f'{m}_mean' in r for r in rows)]
-  arrow = {m: '↑' if m in HIGHER_IS_BETTER else '↓' for m in shown}
-  lines = [f'## {dataset}', '']
-  for proto in sorted({r['protocol'] for r in rows},
-                      key=lambda p: (p != 'bench', p)):
-    sub = [r for r in rows if r['protocol'] == proto]
-    title = ('protocol `bench` (headline)' if proto == 'bench' else
-             f'protocol `{proto}` (not comparable with `bench`)')
-    lines += [f'### {title}', '',
-              '| method | NFE | seeds | n | ' + ' | '.join(
-                  f'{m} {arrow[m]}' for m in shown) + ' | reproduce |',
-              '|' + '---|' * (len(shown) + 5)]
-    for r in sub:
-      cells = []
-      for m in shown:
-        if f'{m}_mean' not in r:
-          cells.append('')
-          continue
-        std = r.get(f'{m}_std')
-        cell = _fmt(float(r[f'{m}_mean']), float(std) if std else None)
-        floor = r.get(f'{m}_floor_mean')
-        cells.append(cell + (f' (floor {float(floor):.3g})' if floor else ''))
-      lines.append(f'| {r["method"]} | {r["nfe"]} | {r["n_seeds"]} | '
-                   f'{r["n_samples"]} | ' + ' | '.join(cells) +
-                   f' | `{r["command"]}` |')
-    lines.append('')
-  return lines
+def markdown(tables: Tables) -> str:
+  """LEADERBOARD.md from `aggregate`'s output."""
+  out = ['# Leaderboard', '', '**Generated file, do not edit**: made from '
+         '`runs.csv` by `make leaderboard` (and by every `make bench`). '
+         'Schema and conventions: [README.md](README.md).', '',
+         'Mean ± std over seeds (ddof=1; no ± for one seed). ↓ lower is '
+         'better, ↑ higher is better. `floor`: the score of an exact sample '
+         'of the same size (a perfect model scores the floor, not 0). Only '
+         '`bench` rows are the headline; other protocols are listed '
+         'separately and are not comparable.', '']
+  if not tables:
+    out.append('No runs recorded yet.')
+  for ds in sorted(tables):
+    wide, metrics = tables[ds]
+    prim = primary_metric(metrics)
+    rest = [m for m in metrics if not m.endswith('_floor') and m != prim]
+    head = [m for m in rest if m in HEADLINE_METRICS or m.startswith(
+        ('fid', 'is_'))]
+    shown = [prim, *head, *(m for m in rest if m not in head)]
+    shown = [m for m in shown if m][:MD_MAX_METRICS]
+    out += [f'## {ds}', '', f'Ranked by `{prim}` {arrow(prim or "")} within '
+            f'each NFE. All metrics: [leaderboard/{slug(ds)}.csv]'
+            f'(leaderboard/{slug(ds)}.csv).', '']
+    sections = {}
+    for r in wide:
+      sections.setdefault((r['protocol'], r['conditional'], r['guidance']),
+                          []).append(r)
+    for (p, cond, g), rs in sections.items():
+      title = (p if p == 'bench' else f'{p} (not comparable)') + (
+          ', class-conditional' + (f', guidance {g}' if g else '')
+          if cond == 'true' else '')
+      out += [f'### {title}', '',
+              '| method | NFE | samples | seeds | ' + ' | '.join(
+                  f'{m} {arrow(m)}' for m in shown) + ' | command |',
+              '|---' * (len(shown) + 5) + '|']
+      for r in rs:  # Non-fixed protocols: one row per config, so name it.
+        mark = ' †' if ' ' in r['config_hash'] else (
+            '' if p in FIXED_PROTOCOLS else f' `{r["config_hash"]}`')
+        cmd = str(r['command']).replace('|', '\\|')
+        out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {r["n_samples"]} | '
+                   f'{r["n_seeds"]} | ' + ' | '.join(_cell(r, m) for m in shown)
+                   + f' | `{cmd}` |')
+      out.append('')
+      if any(' ' in r['config_hash'] for r in rs):
+        out += ['† seeds ran with different configs (see `config_hash` in '
+                'the CSV).', '']
+  return '\n'.join(out).rstrip() + '\n'
 
 
-def rebuild(results_dir: str = 'results') -> None:
-  """Regenerates leaderboard/*.csv, LEADERBOARD.md and plots from runs.csv."""
-  runs = read_csv(os.path.join(results_dir, 'runs.csv'))
-  by_ds: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
-  for r in runs:
-    by_ds[r['dataset']].append(r)
-  md = ['# Leaderboard', '',
-        'Generated by `make leaderboard` from `results/runs.csv`; do not '
-        'edit. Mean ± std over seeds (latest run per seed); ↓ lower is '
-        'better, ↑ higher is better. Toy metrics are computed on raw 2-D '
-        'coordinates against exact samples; `floor` is the score of an '
-        'exact sample of the same size. Schema: results/README.md.', '']
-  for ds in sorted(by_ds):
-    rows = aggregate(by_ds[ds])
-    primary = SHOWN.get(_kind(ds), ('sliced_w2',))[0]
-    rows.sort(key=lambda r, p=primary: _sort_key(r, p))
-    columns = list(GROUP) + ['n_seeds'] + sorted(
-        {k for r in rows for k in r if k.endswith(('_mean', '_std'))}) + [
-            'command']
-    _write_atomic(os.path.join(results_dir, 'leaderboard',
-                               ds.replace(':', '__') + '.csv'),
-                  _csv_text(rows, columns))
-    md += _markdown(ds, rows)
-  _write_atomic(os.path.join(results_dir, 'LEADERBOARD.md'), '\n'.join(md))
+def rebuild(results_dir: str = 'results',
+            datasets: Sequence[str] | None = None) -> list[str]:
+  """Regenerates leaderboard CSVs (for `datasets`, default all) + the .md."""
+  runs = os.path.join(results_dir, 'runs.csv')
+  with _locked(runs):  # No stale rebuild can overwrite a newer one.
+    tables = aggregate(read_csv(runs))
+    written = []
+    for ds in tables if datasets is None else datasets:
+      if ds in tables:
+        path = os.path.join(results_dir, 'leaderboard', slug(ds) + '.csv')
+        wide, metrics = tables[ds]
+        cols = [f'{m}_{s}' for m in metrics for s in ('mean', 'std')]
+        atomic_write(path, _csv_text(wide, [*_WIDE_ID, *cols, *_WIDE_TAIL]))
+        written.append(path)
+    md = os.path.join(results_dir, 'LEADERBOARD.md')
+    atomic_write(md, markdown(tables))
+  return [*written, md]
+
+
+def record(summary: Mapping[str, Any],
+           results_dir: str = 'results') -> list[dict[str, str]]:
+  """Appends a run's rows to runs.csv, regenerates its dataset's outputs."""
   from onestep_bench import plots  # pylint: disable=g-import-not-at-top
-  for path in glob.glob(os.path.join(results_dir, 'leaderboard', '*.csv')):
-    plots.metric_vs_nfe(path, results_dir)
 
-
-def record(summary: dict[str, Any], results_dir: str = 'results'
-           ) -> list[dict[str, Any]]:
-  """Appends a run to runs.csv, writes its plots, rebuilds the leaderboard."""
-  rows = summary_rows(summary)
+  rows = rows_from_summary(summary)
   atomic_append(os.path.join(results_dir, 'runs.csv'), rows, RUN_COLUMNS)
-  from onestep_bench import plots  # pylint: disable=g-import-not-at-top
-  plots.run_scatter(summary, results_dir)
-  rebuild(results_dir)
+  rebuild(results_dir, datasets=[summary['dataset']])
+  plots.run_figures(summary, results_dir)
+  plots.regenerate(results_dir, datasets=[summary['dataset']])
   return rows
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description='Regenerate leaderboards + plots.')
-  p.add_argument('--results_dir', default='results')
-  rebuild(p.parse_args().results_dir)
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI: rebuilds every leaderboard, LEADERBOARD.md and the plots."""
+  from onestep_bench import plots  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--results_dir', default='results',
+                      help='Directory holding runs.csv (default: results).')
+  args = parser.parse_args(argv)
+  for path in [*rebuild(args.results_dir), *plots.regenerate(args.results_dir)]:
+    print(path)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,17 @@
-"""Result plots: toy scatter per method x NFE, and metric vs NFE.
+"""Result figures: small PNGs under results/plots/, written atomically.
 
-Written by `leaderboard.record` / `rebuild` under `results/plots/`.
+Scatters of a run's 2-D samples (`run_figures`, called by
+`leaderboard.record`) and a metric vs NFE per dataset leaderboard
+(`regenerate`, called by `make leaderboard` and `record`).
 """
 
 from __future__ import annotations
 
-import csv
+import glob
+import io
 import os
+import zipfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -15,84 +20,154 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
-MAX_POINTS = 5000
+from onestep_bench import leaderboard  # noqa: E402
+
 DPI = 80
+MAX_POINTS = 5000
 
 
-def _save(fig, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path + '.tmp.png', dpi=DPI, bbox_inches='tight')
-  os.replace(path + '.tmp.png', path)
+def _save(fig: Any, path: str) -> str:
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=DPI, format='png', bbox_inches='tight')
   plt.close(fig)
+  leaderboard.atomic_write(path, buf.getvalue())
+  return path
 
 
-def run_scatter(summary: dict[str, Any], results_dir: str) -> str | None:
-  """One panel per evaluated NFE of a 2-D run: results/plots/<ds>/<method>.png."""
-  panels = []
-  for rec in summary['evals']:
-    f = rec.get('samples_file')
-    path = os.path.join(summary['workdir'], f) if f else None
-    if path and os.path.exists(path):
-      x = np.load(path)['x']
-      if x.ndim == 2 and x.shape[1] == 2:
-        panels.append((rec, x[:MAX_POINTS]))
-  if not panels:
-    return None
-  fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3),
+def _finite(x: np.ndarray) -> np.ndarray:
+  """Finite rows of x [m, 2], at most MAX_POINTS (a fixed random subset)."""
+  x = np.asarray(x, np.float32)
+  x = x[np.isfinite(x).all(axis=1)]
+  if len(x) > MAX_POINTS:
+    x = x[np.random.default_rng(0).choice(len(x), MAX_POINTS, replace=False)]
+  return x
+
+
+def toy_grid(panels: Mapping[str, np.ndarray], path: str, title: str = '',
+             reference: np.ndarray | None = None) -> str:
+  """One scatter per {panel title: samples [n, 2]}, equal shared limits.
+
+  The limits hold the central 99% of `reference` (default: of the samples).
+  """
+  x = _finite(np.concatenate([_finite(s) for s in panels.values()])
+              if reference is None else reference)
+  lo, hi = np.percentile(x, [0.5, 99.5], axis=0) if len(x) else (-np.ones(2),
+                                                                np.ones(2))
+  c, half = (lo + hi) / 2, 0.55 * float(np.max(hi - lo)) + 1e-3
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8),
                            squeeze=False)
-  lim = np.quantile(np.abs(np.concatenate([p[1] for p in panels])), 0.995)
-  lim = float(min(max(lim, 1.0), 10.0)) * 1.1
-  for ax, (rec, x) in zip(axes[0], panels):
-    ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.5, rasterized=True)
-    m = rec['metrics']
-    ax.set_title(f'NFE {rec["nfe"]}  SW2 {m.get("sliced_w2", float("nan")):.3f}',
-                 fontsize=9)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect('equal')
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(f'{summary["method"]} on {summary["dataset"]} '
-               f'({summary["protocol"]}, seed {summary["seed"]})', fontsize=10)
-  out = os.path.join(results_dir, 'plots', summary['dataset'].replace(
-      ':', '__'), f'{summary["method"]}.png')
-  _save(fig, out)
+  for ax, (name, s) in zip(axes[0], panels.items(), strict=True):
+    ax.scatter(*_finite(s).T, s=2, alpha=0.5, linewidths=0, rasterized=True)
+    ax.set(xlim=(c[0] - half, c[0] + half), ylim=(c[1] - half, c[1] + half),
+           aspect='equal', xticks=[], yticks=[])
+    ax.set_title(name, fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return _save(fig, path)
+
+
+def toy_scatter(samples: np.ndarray, path: str, title: str,
+                reference: np.ndarray | None = None) -> str:
+  """Scatter of samples [n, 2]; fixed limits from `reference` if given."""
+  return toy_grid({title: samples}, path, reference=reference)
+
+
+def _npz_shape(path: str) -> tuple[int, ...]:
+  """Shape of 'x' in an .npz, read from its header (no array load)."""
+  with zipfile.ZipFile(path) as z, z.open('x.npy') as f:
+    v = np.lib.format.read_magic(f)
+    return tuple((np.lib.format.read_array_header_1_0 if v == (1, 0) else
+                  np.lib.format.read_array_header_2_0)(f)[0])
+
+
+def run_figures(summary: Mapping[str, Any], results_dir: str) -> list[str]:
+  """Scatters of a run's 2-D samples: plots/<ds>/<method>[_nfe<k>].png.
+
+  Non-'bench' runs get `_<protocol>` after the method name, so they never
+  overwrite the headline figures. Samples that are not [n, 2] are skipped.
+  """
+  samples: dict[int, np.ndarray] = {}
+  for rec in summary.get('evals', []):
+    nfe = int(rec['nfe'])
+    f = os.path.join(summary.get('workdir') or '.',
+                     rec.get('samples_file') or f'samples_nfe{nfe}.npz')
+    if nfe not in samples and os.path.exists(f) and (
+        len(shape := _npz_shape(f)) == 2 and shape[1] == 2):
+      with np.load(f) as z:
+        samples[nfe] = z['x']
+  protocol = summary.get('protocol', 'custom')
+  name = summary['method'] + ('' if protocol == 'bench' else f'_{protocol}')
+  d = os.path.join(results_dir, 'plots', leaderboard.slug(summary['dataset']))
+  title = (f'{summary["method"]} on {summary["dataset"]} '
+           f'({protocol}, seed {summary["seed"]})')
+  nfes = sorted(samples)
+  out = [toy_scatter(samples[k], os.path.join(d, f'{name}_nfe{k}.png'),
+                     f'{title}, NFE {k}') for k in nfes]
+  if out:
+    out.append(toy_grid({f'NFE {k}': samples[k] for k in nfes},
+                        os.path.join(d, f'{name}.png'), title))
   return out
 
 
-def metric_vs_nfe(leaderboard_csv: str, results_dir: str,
-                  metric: str | None = None) -> str | None:
-  """Primary metric vs NFE per method (protocol 'bench'), log-x."""
-  with open(leaderboard_csv, encoding='utf-8') as f:
-    rows = [r for r in csv.DictReader(f) if r['protocol'] == 'bench']
+def metric_vs_nfe(leaderboard_csv_path: str, metric: str, path: str,
+                  protocol: str | None = None) -> str | None:
+  """`metric` mean ± std vs NFE (log x), one line per method.
+
+  Plots `protocol`'s rows; by default 'bench' if the file has any, else all
+  (one line per method and per protocol, eval, n_samples, ... within it).
+  Returns the path, or None when there is nothing to plot.
+  """
+  rows = [r for r in leaderboard.read_csv(leaderboard_csv_path)
+          if r.get(f'{metric}_mean')]
+  protocol = protocol or ('bench' if any(r['protocol'] == 'bench'
+                                         for r in rows) else None)
+  rows = [r for r in rows if protocol in (None, r['protocol'])]
   if not rows:
     return None
-  if metric is None:
-    metric = 'sliced_w2' if 'sliced_w2_mean' in rows[0] else next(
-        k[:-5] for k in rows[0] if k.endswith('_mean'))
-  fig, ax = plt.subplots(figsize=(4.5, 3.2))
-  for method in sorted({r['method'] for r in rows}):
-    rs = sorted((r for r in rows if r['method'] == method and
-                 r.get(f'{metric}_mean')), key=lambda r: int(r['nfe']))
-    if not rs:
-      continue
-    nfe = [int(r['nfe']) for r in rs]
-    mean = [float(r[f'{metric}_mean']) for r in rs]
-    std = [float(r[f'{metric}_std'] or 0) for r in rs]
-    ax.errorbar(nfe, mean, yerr=std, marker='o', ms=4, capsize=2,
-                label=method)
+  varying = [k for k in ('protocol', 'conditional', 'guidance', 'eval',
+                         'n_samples', 'feature_net', 'config_hash')
+             if len({(r['method'], r[k]) for r in rows}) > len(
+                 {r['method'] for r in rows})]  # Varies within a method.
+  lines: dict[str, list[dict[str, str]]] = {}
+  for r in rows:
+    label = ' '.join([r['method'], *(f'{k}={r[k]}' for k in varying)])
+    lines.setdefault(label, []).append(r)
+  fig, ax = plt.subplots(figsize=(4.8, 3.4))
+  for label, rs in sorted(lines.items()):
+    rs.sort(key=lambda r: int(r['nfe']))
+    ax.errorbar([int(r['nfe']) for r in rs],
+                [float(r[f'{metric}_mean']) for r in rs],
+                yerr=[float(r[f'{metric}_std'] or 0) for r in rs], marker='o',
+                ms=3, capsize=2, label=label)
   floors = [float(r[f'{metric}_floor_mean']) for r in rows
             if r.get(f'{metric}_floor_mean')]
-  if floors:
-    ax.axhline(float(np.mean(floors)), color='gray', ls='--', lw=1,
+  if floors and 'n_samples' not in varying:
+    ax.axhline(float(np.mean(floors)), color='gray', ls=':', lw=1,
                label='exact-sample floor')
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  ax.set_xlabel('NFE')
-  ax.set_ylabel(metric)
-  ds = os.path.basename(leaderboard_csv)[:-4]
-  ax.set_title(ds.replace('__', ':'), fontsize=10)
+  nfes = sorted({int(r['nfe']) for r in rows})
+  ax.set(xscale='log', xlabel='NFE',
+         ylabel=f'{metric} {leaderboard.arrow(metric)}')
+  ax.set_xticks(nfes, [str(k) for k in nfes])
+  ax.minorticks_off()
+  ax.set_title(os.path.basename(leaderboard_csv_path)[:-4].replace('__', ':')
+               + (f' ({protocol})' if protocol else ''), fontsize=9)
   ax.legend(fontsize=7)
-  out = os.path.join(results_dir, 'plots', f'{ds}__{metric}_vs_nfe.png')
-  _save(fig, out)
+  return _save(fig, path)
+
+
+def regenerate(results_dir: str = 'results',
+               datasets: Sequence[str] | None = None) -> list[str]:
+  """Primary metric vs NFE of each leaderboard (or of `datasets`)."""
+  out = []
+  for f in sorted(glob.glob(os.path.join(results_dir, 'leaderboard', '*.csv'))):
+    stem = os.path.basename(f)[:-4]
+    if datasets is not None and stem not in map(leaderboard.slug, datasets):
+      continue
+    with open(f, encoding='utf-8') as fh:
+      header = fh.readline().strip().split(',')  # Metric names have no ','.
+    metric = leaderboard.primary_metric(
+        [c[:-5] for c in header if c.endswith('_mean')])
+    p = metric and metric_vs_nfe(f, metric, os.path.join(
+        results_dir, 'plots', f'{stem}__{metric}_vs_nfe.png'))
+    out += [p] if p else []
   return out
