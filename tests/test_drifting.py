@@ -1,0 +1,152 @@
+"""Maths and contract tests of methods/drifting.py (spec §1.12)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench
+from methods import drifting
+from onestep_bench import data
+from onestep_bench.method import UnsupportedNFEError, load_method
+
+
+def _reference(x, pos, neg, pos_w, neg_w, taus, floor):
+  """Official drift_loss.py field, one (group, query, target) at a time."""
+  g_, n, c = x.shape
+  v_out = np.zeros(x.shape)
+  tgt = np.concatenate([neg, pos], 1)
+  w = np.concatenate([neg_w, pos_w], 1)
+  q, m = neg.shape[1], tgt.shape[1]
+  dist = np.zeros((g_, n, m))
+  for g in range(g_):
+    for i in range(n):
+      for k in range(m):
+        dist[g, i, k] = np.sqrt(max(np.sum((x[g, i] - tgt[g, k])**2), 1e-8))
+  scale = np.mean(dist * w[:, None]) / np.mean(w)
+  rho = max(scale / np.sqrt(c), 1e-3)
+  dn = dist / max(scale, 1e-3)
+  for i in range(n):
+    dn[:, i, i] += 100.0
+  for tau in taus:
+    v = np.zeros(x.shape)
+    for g in range(g_):
+      k_ = np.exp(-dn[g] / tau)
+      row = k_ / k_.sum(1, keepdims=True)
+      col = k_ / k_.sum(0, keepdims=True)
+      a = np.sqrt(np.maximum(row * col, floor)) * w[g][None]
+      for i in range(n):
+        sp, sn = a[i, q:].sum(), a[i, :q].sum()
+        for k in range(m):
+          coef = a[i, k] * sn if k >= q else -a[i, k] * sp
+          v[g, i] += coef * (tgt[g, k] - x[g, i]) / rho
+    v_out += v / np.sqrt(max(np.mean(v**2), 1e-8))
+  return v_out
+
+
+@pytest.mark.parametrize('floor', [0.0, 1e-6])
+def test_matches_slow_reference(floor):
+  rng = np.random.default_rng(0)
+  g, n, p, u, c = 2, 5, 7, 3, 3
+  x = rng.normal(size=(g, n, c))
+  pos = rng.normal(size=(g, p, c)) + 0.5
+  neg = np.concatenate([x, rng.normal(size=(g, u, c))], 1)
+  pos_w = rng.uniform(0.5, 1.5, size=(g, p))
+  neg_w = np.concatenate([np.ones((g, n)), np.full((g, u), 0.7)], 1)
+  taus = (0.05, 0.2)
+  v, _ = drifting.drift_field(
+      jnp.asarray(x), jnp.asarray(pos), jnp.asarray(neg), temperatures=taus,
+      pos_weights=jnp.asarray(pos_w), neg_weights=jnp.asarray(neg_w),
+      floor=floor)
+  ref = _reference(x, pos, neg, pos_w, neg_w, taus, floor)
+  np.testing.assert_allclose(np.asarray(v), ref, atol=1e-4, rtol=1e-3)
+
+
+def _cloud(key, n, shift=0.0, c=2):
+  return jax.random.normal(key, (1, n, c)) + jnp.array([shift, 0.0])[:c]
+
+
+@pytest.mark.parametrize('drift_norm', [False, True])
+def test_zero_when_positives_equal_negatives(drift_norm):
+  kx, kp = jax.random.split(jax.random.key(0))
+  x, p = _cloud(kx, 16), _cloud(kp, 24, 1.0)
+  v, _ = drifting.drift_field(x, p, p, self_mask=False, drift_norm=drift_norm)
+  assert float(jnp.max(jnp.abs(v))) < 1e-6
+
+
+def test_antisymmetry():
+  kx, kp, kq = jax.random.split(jax.random.key(1), 3)
+  x, p, q = _cloud(kx, 16), _cloud(kp, 20, 1.0), _cloud(kq, 20, -0.5)
+  for norm in (False, True):
+    kw = dict(self_mask=False, drift_norm=norm, feature_norm=norm)
+    v_pq, _ = drifting.drift_field(x, p, q, **kw)
+    v_qp, _ = drifting.drift_field(x, q, p, **kw)
+    assert float(jnp.max(jnp.abs(v_pq))) > 1e-2
+    np.testing.assert_allclose(v_pq, -v_qp, atol=1e-5)
+
+
+def _two_clusters(scale=1.0):
+  kx, kp = jax.random.split(jax.random.key(2))
+  x = 0.3 * jax.random.normal(kx, (1, 64, 2)) + jnp.array([-2.0, 0.0])
+  p = 0.3 * jax.random.normal(kp, (1, 96, 2)) + jnp.array([2.0, 0.0])
+  return scale * x, scale * p
+
+
+def test_points_toward_data():
+  x, p = _two_clusters()
+  v, stats = drifting.drift_field(x, p, x)
+  assert bool(jnp.all(v[..., 0] > 0))
+  assert float(jnp.mean(v[..., 0])) > 5 * float(jnp.mean(jnp.abs(v[..., 1])))
+  assert 3.0 < float(stats['nn_dist']) < 4.0
+
+
+@pytest.mark.parametrize('scale,tau', [(1.0, 1e-4), (1e4, 0.05), (1e-4, 0.05),
+                                       (1e4, 1e-4), (1e-4, 1e-4)])
+@pytest.mark.parametrize('feature_norm', [True, False])
+def test_stable_at_extreme_scales(scale, tau, feature_norm):
+  x, p = _two_clusters(scale)
+  if not feature_norm:
+    tau = tau * scale  # same kernel in data units
+  v, stats = drifting.drift_field(x, p, x, temperatures=(tau, 0.2 * scale),
+                                  feature_norm=feature_norm)
+  assert bool(jnp.all(jnp.isfinite(v)))
+  assert all(bool(jnp.isfinite(s)) for s in stats.values())
+  assert bool(jnp.all(v[..., 0] >= 0)) and float(jnp.mean(v[..., 0])) > 0.1
+  loss, _ = drifting.drift_loss(x, p, temperatures=(tau,),
+                                feature_norm=feature_norm)
+  assert bool(jnp.isfinite(loss))
+
+
+def test_gradient_identity():
+  x, p = _two_clusters()
+  u = jax.random.normal(jax.random.key(3), (1, 8, 2))
+  kw = dict(temperatures=(0.05, 0.2))
+  grad = jax.grad(lambda a: drifting.drift_loss(a, p, u, **kw)[0])(x)
+  v, stats = drifting.drift_field(x, p, jnp.concatenate([x, u], 1), **kw)
+  np.testing.assert_allclose(grad, -2.0 * v / (stats['rho'] * x.size),
+                             rtol=1e-5, atol=1e-8)
+
+
+def test_method_smoke():
+  config = bench.get_config('method=drifting,dataset=toy2d:8gaussians,'
+                            'smoke=True')
+  dataset = data.build(config.data)
+  method = load_method(config, dataset.spec)
+  key = jax.random.key(0)
+  batch = dataset.sample(key, config.train.batch_size)
+  state = method.init(key, batch)
+  loss, metrics = method.loss(state.params, batch, key, state)
+  assert bool(jnp.isfinite(loss))
+  assert {'field_rms', 'nn_dist'} <= set(metrics)
+  step = jax.jit(method.train_step)
+  new = state
+  for i in range(2):  # the warm-up schedule gives lr = 0 at step 0
+    new, metrics = step(new, batch, jax.random.fold_in(key, i))
+    assert bool(jnp.isfinite(metrics['loss']))
+  delta = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), new.params,
+                       state.params)
+  assert max(float(d) for d in jax.tree.leaves(delta)) > 0
+  x = method.sample(new.ema_params, key, 10, nfe=1)
+  assert x.shape == (10, 2) and bool(jnp.all(jnp.isfinite(x)))
+  with pytest.raises(UnsupportedNFEError):
+    method.sample(new.ema_params, key, 10, nfe=2)
