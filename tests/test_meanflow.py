@@ -80,7 +80,9 @@ def test_r_equals_t_reduces_to_flow_matching_exactly():
   np.testing.assert_array_equal(u_tgt, e - x)
   np.testing.assert_array_equal(u, fm.velocity(params, z, t))
 
-  # Loss: with p = 0 the MeanFlow loss (per-sample sum) = dim x FM (mean).
+  # Loss: with p = 0 the MeanFlow loss (per-sample sum) = dim x FM (mean),
+  # bit for bit when run eagerly (under jit XLA may fuse the two graphs
+  # differently: 1 ulp).
   loss, m = method.loss(params, batch, key, None)
   fm_loss, _ = fm.loss(params, batch, key, None)
   np.testing.assert_array_equal(loss, 2 * fm_loss)
@@ -216,11 +218,12 @@ def test_sampler_calls_backbone_exactly_nfe_times(nfe):
 # ------------------------------------------------- (t, r) sampler, CFG path
 @pytest.mark.parametrize('rule', ['prefix', 'random'])
 def test_time_sampler(rule):
-  _, _, method = _setup(**{'method.mask_rule': rule})
+  _, _, method = _setup(**{'method.mask_rule': rule,
+                            'method.ratio_r_neq_t': 0.25})
   t, r = method.sample_tr(jax.random.key(10), 4096)
   assert bool(jnp.all((r <= t) & (r >= 0) & (t <= 1)))
   frac = float(jnp.mean(t != r))
-  if rule == 'prefix':
+  if rule == 'prefix':  # official: the first int(0.75 B) have r = t
     assert frac == 0.25 and bool(jnp.all(t[:3072] == r[:3072]))
   else:
     assert abs(frac - 0.25) < 0.03
