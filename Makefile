@@ -17,7 +17,7 @@ SWEEP   ?=
 ARGS    ?=
 NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
 
-.PHONY: help install bench bench-all sweep leaderboard test test-slow lint clean
+.PHONY: help install install-parity data bench bench-all sweep leaderboard test test-slow lint clean
 
 help:  ## Show this help.
 	@echo "onestep_bench: one-step generative models, benchmarked side by side."
@@ -35,7 +35,27 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)  ## Create the venv and install the package (idempotent).
 
-bench: install  ## Train + evaluate METHOD on DATASET, record results and plots.
+# torch (CPU wheel) + torchvision + pytorch-fid, for the Inception parity test
+# only; never a runtime dependency.
+$(VENV)/.installed-parity: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,parity]'
+	@touch $@
+
+install-parity: $(VENV)/.installed-parity  ## + the [parity] extra (torch CPU, pytorch-fid).
+
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+data:  ## Install the offline datasets (Fashion-MNIST from Debian's dataset-fashion-mnist).
+	@if ls $(FASHION_DIR)/train-images-idx3-ubyte* >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST present in $(FASHION_DIR)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
+	  || { echo "error: could not install dataset-fashion-mnist; copy the 4 IDX files into a dir and pass ARGS=--config.data.dir=DIR"; exit 1; }; \
+	fi
+	@echo "digits: bundled with scikit-learn (nothing to do)"
+
+BENCH_DEPS = install $(if $(filter fashion_mnist,$(DATASET)),data)
+bench: $(BENCH_DEPS)  ## Train + evaluate METHOD on DATASET, record results and plots.
 	$(PY) -m onestep_bench.main \
 	  --config=experiments/bench.py:method=$(METHOD),dataset=$(DATASET),seed=$(SEED) \
 	  $(NFE_FLAG) $(ARGS)
@@ -52,10 +72,10 @@ sweep: install  ## Run sweeps SWEEP (comma list) of experiments/EXP.py.
 leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, plots.
 	$(PY) -m onestep_bench.leaderboard --results_dir results
 
-test: install  ## Fast tests (CI runs this).
+test: install-parity  ## Fast tests incl. pytorch-fid parity (CI runs this).
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-test-slow: install  ## Slow tests only.
+test-slow: install-parity data  ## Slow tests only.
 	$(PY) -m pytest -q -m slow $(ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
 

@@ -175,6 +175,8 @@ def rows_from_summary(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     n = int(rec['n_samples'])
     ev = {c: _str(rec.get(c)) for c in ('eval', 'nfe', 'feature_net',
                                         'ms_per_sample', 'flops_per_sample')}
+    if rec.get('guidance') is not None:  # per-eval CFG scale wins
+      ev['guidance'] = _str(rec['guidance'])
     for k, v in rec['metrics'].items():
       try:
         value = float(v)

@@ -197,13 +197,18 @@ class Method:
 
   # ------------------------------------------------------------------ helpers
   def apply(self, params: PyTree, x: jax.Array, t: jax.Array,
-            h: jax.Array | None = None, y: jax.Array | None = None) -> jax.Array:
-    """Backbone call with per-sample times broadcast to [B]."""
+            h: jax.Array | None = None, y: jax.Array | None = None,
+            g: jax.Array | None = None) -> jax.Array:
+    """Backbone call with per-sample times (and guidance g) broadcast to [B].
+
+    `g` is the guidance-scale conditioning input (TVM's 1/w, Drifting's CFG
+    strength); the backbone must be built with `guidance_embed=True`.
+    """
     b = x.shape[0]
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-    h = jnp.zeros((b,), jnp.float32) if h is None else jnp.broadcast_to(
-        jnp.asarray(h, jnp.float32), (b,))
-    return self.net.apply(params, x, t, h, y)
+    as_b = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b,))
+    h = jnp.zeros((b,), jnp.float32) if h is None else as_b(h)
+    return self.net.apply(params, x, as_b(t), h, y,
+                          None if g is None else as_b(g))
 
   def noise(self, key: jax.Array, n: int) -> jax.Array:
     """Standard-normal prior sample, [n, *spec.shape]."""

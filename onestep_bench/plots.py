@@ -86,18 +86,28 @@ def run_figures(summary: Mapping[str, Any], results_dir: str) -> list[str]:
   Non-'bench' runs get `_<protocol>` after the method name, so they never
   overwrite the headline figures. Samples that are not [n, 2] are skipped.
   """
+  protocol = summary.get('protocol', 'custom')
+  name = summary['method'] + ('' if protocol == 'bench' else f'_{protocol}')
+  d = os.path.join(results_dir, 'plots', leaderboard.slug(summary['dataset']))
   samples: dict[int, np.ndarray] = {}
+  grids: list[str] = []
   for rec in summary.get('evals', []):
     nfe = int(rec['nfe'])
     f = os.path.join(summary.get('workdir') or '.',
                      rec.get('samples_file') or f'samples_nfe{nfe}.npz')
-    if nfe not in samples and os.path.exists(f) and (
-        len(shape := _npz_shape(f)) == 2 and shape[1] == 2):
+    if nfe in samples or not os.path.exists(f):
+      continue
+    shape = _npz_shape(f)
+    if len(shape) == 4:  # images: a sample grid per NFE
+      with np.load(f) as z:
+        grids.append(image_grid(z['x'][:64],
+                                os.path.join(d, f'{name}_nfe{nfe}.png')))
+      samples[nfe] = np.zeros((0, 2))
+    elif len(shape) == 2 and shape[1] == 2:
       with np.load(f) as z:
         samples[nfe] = z['x']
-  protocol = summary.get('protocol', 'custom')
-  name = summary['method'] + ('' if protocol == 'bench' else f'_{protocol}')
-  d = os.path.join(results_dir, 'plots', leaderboard.slug(summary['dataset']))
+  if grids:
+    return grids
   title = (f'{summary["method"]} on {summary["dataset"]} '
            f'({protocol}, seed {summary["seed"]})')
   nfes = sorted(samples)
@@ -171,3 +181,24 @@ def regenerate(results_dir: str = 'results',
         results_dir, 'plots', f'{stem}__{metric}_vs_nfe.png'))
     out += [p] if p else []
   return out
+
+
+def image_grid(samples: np.ndarray, path: str, n: int = 64) -> str:
+  """The first `n` images ([N, H, W, C] in [-1, 1]) tiled into one PNG."""
+  from onestep_bench.data.images import to_uint8  # pylint: disable=g-import-not-at-top
+  x = to_uint8(samples[:n])
+  k, (h, w, c) = x.shape[0], x.shape[1:]
+  cols = int(np.ceil(np.sqrt(k)))
+  rows = int(np.ceil(k / cols))
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+  for i in range(k):
+    r, q = divmod(i, cols)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h,
+         1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+  scale = max(1, 256 // grid.shape[0])  # small images: enlarge for viewing
+  grid = grid.repeat(scale, 0).repeat(scale, 1)
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  matplotlib.image.imsave(path, grid[..., 0] if c == 1 else grid,
+                          cmap='gray' if c == 1 else None, vmin=0, vmax=255)
+  return path

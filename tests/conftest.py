@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Classifiers / reference statistics built by tests never touch the user's
+# cache (~/.cache/onestep_bench); one temporary cache per test session.
+if 'ONESTEP_CACHE' not in os.environ:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ['ONESTEP_CACHE'] = tempfile.mkdtemp(prefix='onestep_cache_')
 
 import pytest  # noqa: E402
 
@@ -24,3 +29,11 @@ def smoke_config(method: str, dataset: str = 'toy2d:8gaussians', **kw):
 @pytest.fixture(params=METHODS)
 def method_name(request):
   return request.param
+
+
+@pytest.fixture
+def cheap_classifier(monkeypatch):
+  """A 60-step classifier recipe without accuracy floors (smoke evals)."""
+  from onestep_bench.evaluators import classifier  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(classifier.RECIPE, 'steps', 60)
+  monkeypatch.setattr(classifier, 'MIN_ACCURACY', {})

@@ -32,7 +32,7 @@ class DataSpec:
     name: full dataset name, e.g. 'toy2d:8gaussians'.
     shape: shape of one example, e.g. (2,) or (28, 28, 1).
     num_classes: 0 for unconditional data.
-    kind: 'toy2d' or 'image'; selects the evaluator family.
+    kind: 'toy2d', 'image' or 'latent'; selects the evaluator family.
     mixture: the exact mixture for Gaussian-mixture toys (mode metrics).
     mean: exact mean when known in closed form (the `gaussian` toy).
     cov: exact covariance when known in closed form.
@@ -50,22 +50,58 @@ class DataSpec:
 class Dataset(Protocol):
   spec: DataSpec
 
-  def sample(self, key: jax.Array, n: int) -> dict[str, jax.Array]:
+  @property
+  def arrays(self) -> dict[str, jax.Array]:
+    """Device-resident data passed to `sample` inside jit ({} for toys)."""
+
+  def sample(self, key: jax.Array, n: int,
+             arrays: dict[str, jax.Array] | None = None
+             ) -> dict[str, jax.Array]:
     """A batch {'x': [n, *shape]} (+ 'y' when labelled); jit-able."""
 
   def reference(self, key: jax.Array, n: int) -> np.ndarray:
     """`n` exact / held-out reference examples for evaluation."""
 
 
+IMAGE_SETS = ('digits', 'fashion_mnist', 'mnist', 'cifar10', 'imagenet64')
+
+
 def build(config: ml_collections.ConfigDict) -> Dataset:
-  """Dataset from `config.data.name` ('toy2d:<name>', ...)."""
+  """Dataset from `config.name` ('toy2d:<name>', 'digits', 'latents:<dir>'…).
+
+  Optional keys: `dir` (data directory: IDX dir, TFDS data_dir), `conditional`
+  (feed class labels; default False), `hflip` (random horizontal flips),
+  `latent_scale` (multiplier for `latents:` data).
+  """
   family, _, sub = config.name.partition(':')
   if family == 'toy2d':
     from onestep_bench.data import toy2d  # pylint: disable=g-import-not-at-top
     return toy2d.Toy2D(sub)
-  raise ValueError(
-      f'Unknown dataset {config.name!r}. Available: '
-      + ', '.join(f'toy2d:{n}' for n in _toy_names()) + '.')
+  from onestep_bench.data import images, sources  # pylint: disable=g-import-not-at-top
+  directory = config.get('dir') or None
+  kwargs = dict(conditional=bool(config.get('conditional', False)),
+                hflip=bool(config.get('hflip', False)))
+  if family == 'latents':
+    if not sub:
+      raise ValueError("Use config.data.name='latents:<directory>'.")
+    splits, k = sources.load_latents(sub)
+    return images.ImageArrays(config.name, splits, k, kind='latent',
+                              scale=float(config.get('latent_scale', 1.0)),
+                              **kwargs)
+  if family == 'digits':
+    splits, k = sources.load_digits()
+  elif family == 'fashion_mnist':
+    splits, k = sources.load_fashion_mnist(directory)
+  elif family in sources.TFDS_NAMES:
+    splits, k = sources.load_tfds(
+        family, directory, splits=('train', 'validation')
+        if family == 'imagenet64' else ('train', 'test'))
+  else:
+    raise ValueError(
+        f'Unknown dataset {config.name!r}. Available: '
+        + ', '.join([f'toy2d:{n}' for n in _toy_names()] + list(IMAGE_SETS)
+                    + ['latents:<dir>']) + '.')
+  return images.ImageArrays(config.name, splits, k, **kwargs)
 
 
 def _toy_names() -> list[str]:

@@ -112,8 +112,13 @@ class Toy2D:
         mean=GAUSSIAN_MEAN.copy() if gauss else None,
         cov=GAUSSIAN_COV.copy() if gauss else None)
 
-  def sample(self, key: jax.Array, n: int) -> dict[str, jax.Array]:
+  arrays: dict[str, jax.Array] = {}  # exact samplers hold no data
+
+  def sample(self, key: jax.Array, n: int,
+             arrays: dict[str, jax.Array] | None = None
+             ) -> dict[str, jax.Array]:
     """{'x': [n, 2] float32}, exact samples (jit-able)."""
+    del arrays
     return {'x': self._sample(key, n)}
 
   def reference(self, key: jax.Array, n: int) -> np.ndarray:

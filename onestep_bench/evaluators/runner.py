@@ -16,15 +16,22 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from onestep_bench.data import Dataset
 from onestep_bench.method import Method
 
-# Feature space used per dataset family (a column of every result row).
-FEATURE_NET = {'toy2d': 'raw2d'}
+
+def feature_net(dataset: Dataset, ev: ml_collections.ConfigDict) -> str:
+  """The feature space of the scores (a column of every result row)."""
+  if dataset.spec.kind == 'toy2d':
+    return 'raw2d'
+  from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
+  return image_eval.feature_net_name(dataset, ev)
 
 
 def eval_nfes(method: Method, ev: ml_collections.ConfigDict,
@@ -39,25 +46,52 @@ def eval_nfes(method: Method, ev: ml_collections.ConfigDict,
   return nfes
 
 
-def score(samples: np.ndarray, dataset: Dataset, seed: int) -> dict[str, float]:
+def score(samples: np.ndarray, dataset: Dataset, seed: int,
+          ev: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
   """Metrics for the dataset's family."""
   if dataset.spec.kind == 'toy2d':
     from onestep_bench.evaluators import sample_stats  # pylint: disable=g-import-not-at-top
     return sample_stats.sample_stats(samples, dataset, seed=seed)
-  raise ValueError(f'No evaluator for dataset kind {dataset.spec.kind!r}.')
+  from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
+  return image_eval.score_images(samples, dataset,
+                                 ev or ml_collections.ConfigDict(), seed)
+
+
+def sample_labels(key: jax.Array, n: int, num_classes: int) -> jax.Array:
+  """Class-balanced labels for conditional sampling: [n] int32, shuffled.
+
+  Every class appears n // C or n // C + 1 times (ADM/EDM sample classes
+  uniformly; balancing removes label-sampling noise from the metrics).
+  """
+  return jax.random.permutation(key, jnp.arange(n, dtype=jnp.int32)
+                                % num_classes)
 
 
 def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
-                 chunk: int) -> tuple[np.ndarray, dict[str, float]]:
-  """n samples in jitted chunks of `chunk`; returns samples and cost info."""
+                 chunk: int, *, num_classes: int = 0,
+                 guidance: float | None = None
+                 ) -> tuple[np.ndarray, dict[str, float]]:
+  """n samples in jitted chunks of `chunk`; returns samples and cost info.
+
+  With `num_classes > 0` every chunk is sampled with class-balanced labels
+  (`sample_labels`) and the CFG scale `guidance`.
+  """
   chunk = min(chunk, n)
-  fn = jax.jit(lambda p, k: method.sample(p, k, chunk, nfe=nfe))
-  compiled = fn.lower(params, key).compile()
+
+  def fn(p, k):
+    k_lab, k_x = jax.random.split(k)
+    labels = (sample_labels(k_lab, chunk, num_classes) if num_classes
+              else None)
+    return method.sample(p, k_x, chunk, nfe=nfe, labels=labels,
+                         guidance=guidance)
+  compiled = jax.jit(fn).lower(params, key).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get('flops', float('nan')))
   out, t0 = [], time.perf_counter()
-  for i in range(math.ceil(n / chunk)):
+  steps = math.ceil(n / chunk)
+  for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
+                leave=False):
     out.append(compiled(params, jax.random.fold_in(key, i)))
   samples = np.concatenate(jax.device_get(out))[:n]
   dt = time.perf_counter() - t0
@@ -72,17 +106,26 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
   records = []
   for name, ev in evals.items():
     for nfe in eval_nfes(method, ev, name):
+      guidance = ev.get('guidance', None)
       samples, cost = draw_samples(
           method, params, jax.random.fold_in(key, nfe), ev.n_samples, nfe,
-          ev.get('batch_size', ev.n_samples))
+          ev.get('batch_size', ev.n_samples),
+          num_classes=dataset.spec.num_classes, guidance=guidance)
       rec = {'eval': name, 'nfe': nfe, 'n_samples': int(ev.n_samples),
-             'feature_net': FEATURE_NET.get(dataset.spec.kind, 'unknown'),
+             'feature_net': feature_net(dataset, ev), 'guidance': guidance,
              **cost, 'samples_file': None}
       if workdir is not None and jax.process_index() == 0:
         rec['samples_file'] = f'samples_nfe{nfe}.npz'
         np.savez_compressed(os.path.join(workdir, rec['samples_file']),
                             x=samples)
-      rec['metrics'] = score(samples, dataset, seed)
+        if samples.ndim == 4:
+          from onestep_bench import plots  # pylint: disable=g-import-not-at-top
+          plots.image_grid(samples, os.path.join(workdir,
+                                                 f'samples_nfe{nfe}.png'))
+      rec['metrics'] = score(samples, dataset, seed, ev)
+      ref = rec['metrics'].pop('reference', None)
+      if ref is not None:
+        rec['reference'] = ref
       logging.info('eval %s nfe=%d: %s', name, nfe, rec['metrics'])
       records.append(rec)
   return records

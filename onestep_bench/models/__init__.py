@@ -1,13 +1,19 @@
-"""Backbones with one signature, `model(x, t, h, y)`, as pure functions.
+"""Backbones with one signature, `model(x, t, h, y, g)`, as pure functions.
 
 `build(config.model, spec)` returns a `Backbone`: `init(key) -> params` (a
-plain nested dict of arrays) and `apply(params, x, t, h, y)`. Modules are
+plain nested dict of arrays) and `apply(params, x, t, h, y, g)`. Modules are
 flax.nnx; params are split out once and merged back inside jit, so methods
 see a functional API and the harness can checkpoint / shard plain pytrees.
+
+Backbones (`config.model.name`; other keys are constructor options):
+  'mlp'  -- models/mlp.py, any data (flattened), the toy-2D default.
+  'unet' -- models/unet.py, ADM-style U-Net for (H, W, C) images.
+  'dit'  -- models/dit.py, DiT tiny/S/B/L/XL with TVM's options.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,13 +39,28 @@ class Backbone:
     return _str_keys(nnx.to_pure_dict(state))
 
   def apply(self, params: dict[str, Any], x: jax.Array, t: jax.Array,
-            h: jax.Array, y: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y); pure in `params`."""
+            h: jax.Array, y: jax.Array | None = None,
+            g: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g); pure in `params`.
+
+    Args:
+      params: from `init`.
+      x: [B, *shape] float32.
+      t: [B] float32 current time.
+      h: [B] float32 second time input (MeanFlow t - r, TVM gap, 0 for FM).
+      y: [B] int32 labels, or None for the null label.
+      g: [B] float32 guidance input; only for backbones built with
+        `guidance_embed=True` (required there, a ValueError elsewhere).
+
+    Returns:
+      [B, *shape] float32.
+    """
     state = jax.tree.map(lambda a: a, self._abstract)
     nnx.replace_by_pure_dict(state, _int_keys(params))
-    return nnx.merge(self._graphdef, state)(x, t, h, y)
+    return nnx.merge(self._graphdef, state)(x, t, h, y, g)
 
   def num_params(self) -> int:
+    """Parameter count, from abstract shapes (nothing is allocated)."""
     return sum(math.prod(a.shape) for a in jax.tree.leaves(self._abstract))
 
 
@@ -57,13 +78,50 @@ def _int_keys(tree: Any) -> Any:
   return tree
 
 
+def _backbone_class(name: str) -> tuple[type[nnx.Module], tuple[str, ...]]:
+  """Class for `name` and the constructor args that come from the spec."""
+  # pylint: disable=g-import-not-at-top
+  if name == 'mlp':
+    from onestep_bench.models.mlp import MLP
+    return MLP, ('dim', 'num_classes')
+  if name == 'unet':
+    from onestep_bench.models.unet import UNet
+    return UNet, ('shape', 'num_classes')
+  if name == 'dit':
+    from onestep_bench.models.dit import DiT
+    return DiT, ('shape', 'num_classes')
+  raise ValueError(f'Unknown backbone config.model.name={name!r}. '
+                   f"Available: 'mlp', 'unet', 'dit'.")
+
+
+def options(name: str) -> dict[str, Any]:
+  """Configurable keys of backbone `name` with their defaults."""
+  cls, from_spec = _backbone_class(name)
+  params = inspect.signature(cls.__init__).parameters
+  return {k: p.default for k, p in params.items()
+          if k not in ('self', 'rngs', *from_spec)}
+
+
 def build(config: ml_collections.ConfigDict, spec: DataSpec) -> Backbone:
-  """Backbone named by `config.name` with its keyword options."""
+  """Backbone named by `config.name` with its keyword options.
+
+  Raises:
+    ValueError: unknown backbone name, or an option key the backbone does
+      not take (the message lists the valid keys).
+  """
+  cls, _ = _backbone_class(config.name)
   kwargs = {k: v for k, v in config.items() if k != 'name'}
+  valid = options(config.name)
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown:
+    raise ValueError(
+        f'Unknown option(s) for backbone {config.name!r}: '
+        + ', '.join(f'config.model.{k}' for k in unknown)
+        + '. Valid keys: ' + ', '.join(sorted(valid)) + '.')
   if config.name == 'mlp':
-    from onestep_bench.models.mlp import MLP  # pylint: disable=g-import-not-at-top
     dim = math.prod(spec.shape)
-    return Backbone(lambda rngs: MLP(dim, num_classes=spec.num_classes,
+    return Backbone(lambda rngs: cls(dim, num_classes=spec.num_classes,
                                      rngs=rngs, **kwargs))
-  raise ValueError(f'Unknown backbone config.model.name={config.name!r}. '
-                   "Available: 'mlp'.")
+  shape = tuple(spec.shape)
+  return Backbone(lambda rngs: cls(shape, num_classes=spec.num_classes,
+                                   rngs=rngs, **kwargs))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def sinusoidal(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def sinusoidal(t: jax.Array, dim: int,
+               max_period: float = 10000.0) -> jax.Array:
   """GLIDE/DiT sinusoidal embedding of raw times t in [0, 1] ([cos, sin]).
 
   Raw t (not t·1000), as the official MeanFlow and TVM code embed it
@@ -24,20 +25,23 @@ def sinusoidal(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array
   """
   half = dim // 2
   freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / half)
-  args = t[:, None].astype(jnp.float32) * freqs[None]
+  args = t[:, None].astype(jnp.promote_types(t.dtype, jnp.float32))
+  args = args * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
 
 
 class TimeEmbed(nnx.Module):
   """sinusoidal(t) -> Linear -> SiLU -> Linear (DiT `TimestepEmbedder`)."""
 
-  def __init__(self, out: int, freq_dim: int, *, rngs: nnx.Rngs):
+  def __init__(self, out: int, freq_dim: int, *, rngs: nnx.Rngs,
+               kernel_init: nnx.Initializer | None = None):
     self.freq_dim = freq_dim
-    init = nnx.initializers.normal(0.02)
+    init = kernel_init or nnx.initializers.normal(0.02)
     self.fc1 = nnx.Linear(freq_dim, out, kernel_init=init, rngs=rngs)
     self.fc2 = nnx.Linear(out, out, kernel_init=init, rngs=rngs)
 
   def __call__(self, t: jax.Array) -> jax.Array:
+    """Times [B] -> [B, out]."""
     return self.fc2(nnx.silu(self.fc1(sinusoidal(t, self.freq_dim))))
 
 
@@ -51,6 +55,37 @@ class LabelEmbed(nnx.Module):
                            rngs=rngs)
 
   def __call__(self, y: jax.Array | None, batch: int) -> jax.Array:
+    """Labels [B] int (None -> null label) -> [B, out]."""
     if y is None:
       y = jnp.full((batch,), self.num_classes, jnp.int32)
     return self.table(y)
+
+
+def embed_conditions(m: nnx.Module, t: jax.Array, h: jax.Array,
+                     y: jax.Array | None, g: jax.Array | None,
+                     batch: int) -> jax.Array:
+  """The conditioning vector c = t_embed(t) + h_embed(h) [+ y] [+ g].
+
+  `m` is a backbone with attributes `t_embed`, `h_embed` (`TimeEmbed`),
+  `y_embed` (`LabelEmbed` or None when unconditional) and `g_embed`
+  (`TimeEmbed` on the guidance input, or None without `guidance_embed`).
+
+  Raises:
+    ValueError: g given to a backbone built without a guidance embedder, or
+      missing for one built with it.
+  """
+  c = m.t_embed(t) + m.h_embed(h)
+  if m.y_embed is not None:
+    c = c + m.y_embed(y, batch)
+  g_embed = getattr(m, 'g_embed', None)
+  if g is not None and g_embed is None:
+    raise ValueError(
+        f'{type(m).__name__} got a guidance input g but was built without a '
+        'guidance embedder; set config.model.guidance_embed=True.')
+  if g_embed is not None:
+    if g is None:
+      raise ValueError(
+          f'{type(m).__name__} was built with guidance_embed=True and needs '
+          'the guidance input g ([B] float32), e.g. 1/w for TVM.')
+    c = c + g_embed(g)
+  return c

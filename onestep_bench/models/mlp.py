@@ -1,4 +1,4 @@
-"""`mlp`: the toy-2D backbone, `model(x, t, h, y)`."""
+"""`mlp`: the toy-2D backbone, `model(x, t, h, y, g)`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from onestep_bench.models.embeddings import LabelEmbed, TimeEmbed
+from onestep_bench.models.embeddings import (
+    LabelEmbed,
+    TimeEmbed,
+    embed_conditions,
+)
 
 
 class MLP(nnx.Module):
@@ -14,11 +18,14 @@ class MLP(nnx.Module):
 
   x: [B, D] -> [B, D]. The conditioning vector c = e_t(t) + e_h(h) (+ e_y(y))
   is added to the hidden state before every block (two separate time
-  embedders, as MeanFlow/TVM use for t and the gap h).
+  embedders, as MeanFlow/TVM use for t and the gap h). With
+  `guidance_embed=True` a third `TimeEmbed` of the guidance input g is added
+  to c (built last, so the other parameters are unchanged by the option).
   """
 
   def __init__(self, dim: int, *, width: int = 256, depth: int = 3,
-               num_classes: int = 0, freq_dim: int = 64, rngs: nnx.Rngs):
+               num_classes: int = 0, freq_dim: int = 64,
+               guidance_embed: bool = False, rngs: nnx.Rngs):
     self.inp = nnx.Linear(dim, width, rngs=rngs)
     self.t_embed = TimeEmbed(width, freq_dim, rngs=rngs)
     self.h_embed = TimeEmbed(width, freq_dim, rngs=rngs)
@@ -28,12 +35,14 @@ class MLP(nnx.Module):
                             for _ in range(depth)])
     self.out = nnx.Linear(width, dim, kernel_init=nnx.initializers.zeros,
                           rngs=rngs)
+    self.g_embed = (TimeEmbed(width, freq_dim, rngs=rngs)
+                    if guidance_embed else None)
 
   def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
-               y: jax.Array | None = None) -> jax.Array:
-    c = self.t_embed(t) + self.h_embed(h)
-    if self.y_embed is not None:
-      c = c + self.y_embed(y, x.shape[0])
+               y: jax.Array | None = None,
+               g: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g): x [B, ...] -> x's shape, float32."""
+    c = embed_conditions(self, t, h, y, g, x.shape[0])
     z = self.inp(x.reshape(x.shape[0], -1))
     for blk in self.blocks:
       z = z + blk(nnx.silu(z + c))

@@ -1,0 +1,138 @@
+"""Image datasets held in memory: `ImageArrays` (the image `Dataset`).
+
+Images are stored once as uint8 NHWC (`[N, H, W, C]`, the exact pixels of the
+source files) and converted to float32 in [-1, 1] only when a batch is drawn.
+Small sets (digits, MNIST, Fashion-MNIST, CIFAR-10: <= ~200 MB) live on the
+accelerator, replicated; a batch is a random gather drawn *inside* the jitted
+train step from the step's key, so there is no iterator state and resume is
+bitwise (ARCHITECTURE.md §4).
+
+The evaluator reads `split_images(split)` (uint8, exact pixels) to build the
+reference statistics: FID references are computed from the data's own pixels,
+never from a float round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onestep_bench.data import DataSpec
+
+Split = tuple[np.ndarray, np.ndarray]  # (images uint8 [N,H,W,C], labels [N])
+
+
+def to_float(x: jax.Array) -> jax.Array:
+  """uint8 [..., H, W, C] -> float32 in [-1, 1] ((x - 127.5) / 127.5, which
+  maps 0 and 255 to exactly -1 and 1 in float32)."""
+  return (x.astype(jnp.float32) - 127.5) / 127.5
+
+
+def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
+  """float in [-1, 1] -> uint8 [0, 255], rounded and clipped (as ADM/EDM)."""
+  x = np.asarray(x, np.float32)
+  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def check_split(name: str, split: str, images: np.ndarray,
+                labels: np.ndarray, kind: str = 'image') -> Split:
+  """Validates one split: uint8 (float for latents) NHWC + int labels."""
+  ok = images.dtype == np.uint8 if kind == 'image' else np.issubdtype(
+      images.dtype, np.floating)
+  if not ok or images.ndim != 4:
+    want = 'uint8 images' if kind == 'image' else 'float latents'
+    raise ValueError(f'{name}/{split}: expected {want} [N, H, W, C], got '
+                     f'{images.dtype} {images.shape}.')
+  if labels.shape != (images.shape[0],):
+    raise ValueError(f'{name}/{split}: {images.shape[0]} images but labels of '
+                     f'shape {labels.shape}.')
+  return images, labels.astype(np.int32)
+
+
+class ImageArrays:
+  """An in-memory labelled image dataset with the `Dataset` API.
+
+  `kind='image'` stores uint8 pixels and yields x / 127.5 - 1; `kind='latent'`
+  stores float VAE latents and yields them times `scale` (e.g. SD-VAE's
+  0.18215), so the generator works in a unit-variance latent space.
+
+  Attributes:
+    spec: shape (H, W, C); num_classes is 0 when `conditional=False` (labels
+      are then neither fed to the model nor used by the evaluator).
+  """
+
+  def __init__(self, name: str, splits: dict[str, Split], num_classes: int,
+               *, conditional: bool = False, hflip: bool = False,
+               train_split: str = 'train', kind: str = 'image',
+               scale: float = 1.0):
+    if train_split not in splits:
+      raise ValueError(f'{name}: no split {train_split!r}; have '
+                       f'{sorted(splits)}.')
+    self.splits = {k: check_split(name, k, *v, kind=kind)
+                   for k, v in splits.items()}
+    self.scale = scale
+    self.train_split = train_split
+    self.hflip = hflip
+    self.label_classes = num_classes
+    images, labels = self.splits[train_split]
+    self.spec = DataSpec(name=name, shape=tuple(images.shape[1:]),
+                         num_classes=num_classes if conditional else 0,
+                         kind=kind)
+    self._arrays: dict[str, jax.Array] | None = None
+    self._host = {'x': images, 'y': labels}
+
+  @property
+  def arrays(self) -> dict[str, jax.Array]:
+    """The training split as device arrays (uint8 images, int32 labels)."""
+    if self._arrays is None:
+      self._arrays = jax.tree.map(jnp.asarray, self._host)
+    return self._arrays
+
+  def sample(self, key: jax.Array, n: int,
+             arrays: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+    """A uniform random batch with replacement; jit-able.
+
+    Args:
+      key: PRNG key (the step's data key).
+      n: batch size.
+      arrays: `self.arrays`, passed explicitly by the jitted train step so the
+        dataset is an argument, not a constant baked into the program.
+
+    Returns:
+      {'x': [n, H, W, C] float32 in [-1, 1]} plus 'y': [n] int32 when the
+      spec is conditional.
+    """
+    arrays = self.arrays if arrays is None else arrays
+    k_idx, k_flip = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (n,), 0, arrays['x'].shape[0])
+    x = arrays['x'][idx]
+    x = to_float(x) if x.dtype == jnp.uint8 else x * self.scale
+    if self.hflip:
+      flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+      x = jnp.where(flip, x[:, :, ::-1], x)
+    batch = {'x': x}
+    if self.spec.num_classes:
+      batch['y'] = arrays['y'][idx]
+    return batch
+
+  def split_images(self, split: str) -> Split:
+    """(uint8 images, labels) of `split`, for reference statistics."""
+    if split not in self.splits:
+      raise ValueError(f'{self.spec.name} has no split {split!r}; available: '
+                       f'{sorted(self.splits)} (config.evals.<name>.ref_split).')
+    return self.splits[split]
+
+  def label_frequencies(self) -> np.ndarray:
+    """[num_classes] empirical class frequencies of the training split."""
+    labels = self.splits[self.train_split][1]
+    return np.bincount(labels, minlength=self.label_classes) / labels.size
+
+  def reference(self, key: jax.Array, n: int) -> np.ndarray:
+    """`n` training images as float [-1, 1] (toy-API compatibility)."""
+    images = self.splits[self.train_split][0]
+    idx = np.asarray(jax.random.choice(key, images.shape[0], (n,),
+                                       replace=n > images.shape[0]))
+    return (np.asarray(images[idx], np.float64) - 127.5) / 127.5

@@ -1,0 +1,101 @@
+r"""Converts pytorch-fid's Inception checkpoint to a pickle-free `.npz`.
+
+  python -m onestep_bench.evaluators.convert_inception \
+      --src pt_inception-2015-12-05-6726825d.pth \
+      --dst ~/.cache/onestep_bench/inception_v3_fid.npz
+
+The source is
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+(fetch it on a machine with internet). Its sha256 must start with `6726825d`
+(the name's suffix, torch-hub convention) unless `--allow_unverified` is
+given (tests convert random weights). The state_dict is read with
+`torch.load(weights_only=True)` (no arbitrary unpickling); torch is needed
+only here (`pip install -e '.[parity]'`). Names are kept; conv weights go
+OIHW -> HWIO and `fc.weight` [1008, 2048] -> [2048, 1008]; the key set and
+shapes are checked against `inception.param_shapes()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from onestep_bench.evaluators import inception
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """pytorch-fid Inception3 state_dict -> params in `inception`'s layout.
+
+  Args:
+    state_dict: name -> torch tensor (or array) as saved by pytorch-fid:
+      `Conv2d_1a_3x3.conv.weight` [32, 3, 3, 3], `...bn.running_var`,
+      `fc.weight` [1008, 2048], ... `*.num_batches_tracked` are dropped.
+
+  Returns:
+    name -> float32 array with `inception.param_shapes()`.
+
+  Raises:
+    ValueError: keys or shapes differ from the FID Inception.
+  """
+  params = {}
+  for name, value in state_dict.items():
+    if name.endswith('num_batches_tracked'):
+      continue
+    if hasattr(value, 'detach'):  # torch.Tensor
+      value = value.detach().cpu().float().numpy()
+    params[name] = inception.to_jax_layout(name,
+                                           np.asarray(value, np.float32))
+  inception.check_params(params)
+  return params
+
+
+def convert(src: str, dst: str, allow_unverified: bool = False) -> str:
+  """Converts the checkpoint at `src` to `dst`; returns dst's sha256."""
+  sha = inception.file_sha256(src)
+  prefix = inception.TORCH_WEIGHTS_SHA256_PREFIX
+  if not sha.startswith(prefix):
+    if not allow_unverified:
+      raise ValueError(
+          f'{src} has sha256 {sha}, which does not start with {prefix}: it is '
+          f'not pytorch-fid\'s {inception.TORCH_WEIGHTS_NAME} '
+          f'({inception.TORCH_WEIGHTS_URL}). Download that file again, or '
+          'pass --allow_unverified to convert other weights (tests only).')
+    print(f'warning: converting unverified weights {src} (sha256 {sha}).',
+          file=sys.stderr)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "convert_inception needs torch: pip install -e '.[parity]'") from e
+  state_dict = torch.load(src, map_location='cpu', weights_only=True)
+  params = convert_state_dict(state_dict)
+  inception.save_params(params, dst)
+  return inception.file_sha256(dst)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point."""
+  parser = argparse.ArgumentParser(
+      prog='python -m onestep_bench.evaluators.convert_inception',
+      description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--src', required=True,
+                      help=f'path to {inception.TORCH_WEIGHTS_NAME}')
+  parser.add_argument('--dst', default=inception.DEFAULT_WEIGHTS_PATH,
+                      help='output .npz (default: %(default)s)')
+  parser.add_argument('--allow_unverified', action='store_true',
+                      help='skip the sha256 check (tests, random weights)')
+  args = parser.parse_args(argv)
+  dst = os.path.abspath(os.path.expanduser(args.dst))
+  sha = convert(os.path.expanduser(args.src), dst, args.allow_unverified)
+  print(f'wrote {dst} (sha256 {sha[:16]}). Use it via the default path, '
+        f'InceptionExtractor(weights_path=...) or {inception.WEIGHTS_ENV}.')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

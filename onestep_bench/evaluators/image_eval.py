@@ -1,0 +1,155 @@
+"""Image metrics for every method: FID (+ bootstrap CI), IS, P/R, KID.
+
+One path (evaluation.md §0): samples in [-1, 1] are rounded to uint8 (as a
+PNG would store them), passed through the configured feature network, and
+compared with cached reference statistics of a real split.
+
+Feature networks, by name (`config.evals.<name>.feature_net`):
+  `inception_v3`        Flax port of the FID Inception (pool3 / 1008 logits);
+                        `preprocess` = 'legacy_tf' (default) | 'pytorch_fid'.
+                        Recorded as `inception_v3/<preprocess>`.
+  `classifier:<data>`   a CNN trained on the dataset's labels (offline FID
+                        for digits / MNIST / Fashion-MNIST; NOT Inception FID).
+  `auto`                classifier for 1-channel sets, inception_v3 otherwise.
+
+Reference statistics are cached under a key of (dataset, split, content hash
+of the split, feature net, its weights hash, n). The key is stored in the
+file and compared on load: different settings never reuse a cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from onestep_bench.data.images import ImageArrays, to_uint8
+from onestep_bench.evaluators import image_metrics
+from onestep_bench.evaluators.classifier import cache_dir
+
+MAX_REF_FEATURES = 10_000  # real features kept for P/R and KID (ADM: 10k)
+
+
+def feature_net_name(dataset: ImageArrays,
+                     ev: ml_collections.ConfigDict) -> str:
+  """The resolved feature-network name recorded in every result row."""
+  name = ev.get('feature_net', 'auto')
+  if name == 'auto':
+    one_channel = dataset.spec.shape[-1] == 1
+    name = f'classifier:{dataset.spec.name}' if one_channel else 'inception_v3'
+  if name == 'inception_v3':
+    return f'inception_v3/{ev.get("preprocess", "legacy_tf")}'
+  return name
+
+
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
+  """The feature network for `ev` (memoised per process)."""
+  if dataset.spec.kind != 'image':
+    raise ValueError(
+        f'{dataset.spec.name} is a {dataset.spec.kind} dataset: image-space '
+        'FID needs a VAE decoder, and none is configured (no decoder weights '
+        'are available offline). Evaluate this dataset with a decoder or '
+        'train on an image dataset.')
+  name = feature_net_name(dataset, ev)
+  if name not in _EXTRACTORS:
+    if name.startswith('inception_v3/'):
+      from onestep_bench.evaluators.inception import InceptionExtractor  # pylint: disable=g-import-not-at-top
+      _EXTRACTORS[name] = InceptionExtractor(
+          ev.get('inception_weights') or None, mode=name.split('/')[1])
+    elif name.startswith('classifier:'):
+      if name != f'classifier:{dataset.spec.name}':
+        raise ValueError(f'feature_net={name!r} but the data is '
+                         f'{dataset.spec.name!r}: a classifier is trained on '
+                         'the dataset it evaluates.')
+      from onestep_bench.evaluators.classifier import ClassifierExtractor  # pylint: disable=g-import-not-at-top
+      _EXTRACTORS[name] = ClassifierExtractor(dataset)
+    else:
+      raise ValueError(f"Unknown feature_net {name!r}: use 'auto', "
+                       "'inception_v3' or 'classifier:<dataset>'.")
+  return _EXTRACTORS[name]
+
+
+def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
+                    split: str, n: int | None) -> dict[str, Any]:
+  """mu, sigma (float64) and <= 10k features of `n` images of `split`."""
+  images, _ = dataset.split_images(split)
+  n = len(images) if not n else min(int(n), len(images))
+  content = hashlib.sha256(np.ascontiguousarray(images[:n]).tobytes())
+  key = {'dataset': dataset.spec.name, 'split': split, 'n': n,
+         'content_sha256': content.hexdigest()[:16],
+         'feature_net': feature_net,
+         'weights_sha256': extractor.weights_sha256}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+  path = os.path.join(cache_dir(), 'ref_stats', f'{digest[:24]}.npz')
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as z:
+      stored = json.loads(z['key'].tobytes().decode())
+      if stored != key:
+        raise ValueError(f'Reference cache {path} holds {stored}, not {key}; '
+                         'delete it.')
+      return {'mu': z['mu'], 'sigma': z['sigma'], 'features': z['features'],
+              'key': key, 'path': path}
+  logging.info('Computing reference statistics %s', key)
+  feats = extractor(images[:n])['features']
+  mu, sigma = image_metrics.gaussian_stats(feats)
+  keep = np.random.RandomState(0).permutation(n)[:MAX_REF_FEATURES]
+  sub = feats[np.sort(keep)].astype(np.float32)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, mu=mu, sigma=sigma, features=sub,
+           key=np.frombuffer(json.dumps(key, sort_keys=True).encode(),
+                             np.uint8))
+  os.replace(tmp, path)
+  return {'mu': mu, 'sigma': sigma, 'features': sub, 'key': key, 'path': path}
+
+
+def score_images(samples: np.ndarray, dataset: ImageArrays,
+                 ev: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+  """FID, bootstrap CI, IS, precision/recall and KID of `samples`.
+
+  Args:
+    samples: [N, H, W, C] float in [-1, 1] (rounded to uint8 here).
+    dataset: the image dataset (reference split via `ev.ref_split`).
+    ev: the eval config (feature_net, preprocess, ref_split, ref_n,
+      fid_bootstrap, pr_k).
+    seed: seeds the bootstrap / subset draws.
+
+  Returns:
+    Scalar metrics plus a 'reference' dict describing the statistics used.
+  """
+  extractor = get_extractor(dataset, ev)
+  feature_net = feature_net_name(dataset, ev)
+  ref = reference_stats(dataset, extractor, feature_net,
+                        ev.get('ref_split', 'train'), ev.get('ref_n', 0))
+  out = extractor(to_uint8(samples))
+  feats = out['features']
+  mu, sigma = image_metrics.gaussian_stats(feats)
+  m: dict[str, Any] = {
+      'fid': image_metrics.frechet_distance(mu, sigma, ref['mu'],
+                                            ref['sigma'])}
+  n_boot = int(ev.get('fid_bootstrap', 10))
+  if n_boot:
+    lo, hi = image_metrics.fid_bootstrap_ci(feats, ref['mu'], ref['sigma'],
+                                            n_boot=n_boot, seed=seed)
+    m['fid_ci_lo'], m['fid_ci_hi'] = float(lo), float(hi)
+  is_mean, is_std = (image_metrics.inception_score(out['logits'])
+                     if 'logits' in out else
+                     image_metrics.inception_score(probs=out['probs']))
+  m['inception_score'], m['inception_score_std'] = float(is_mean), float(
+      is_std)
+  real = ref['features']
+  fake = feats[:MAX_REF_FEATURES].astype(np.float32)
+  p, r = image_metrics.precision_recall(real, fake, k=int(ev.get('pr_k', 3)))
+  m['precision'], m['recall'] = float(p), float(r)
+  kid_mean, kid_std = image_metrics.kid(real, fake, seed=seed)
+  m['kid'], m['kid_std'] = float(kid_mean), float(kid_std)
+  m['reference'] = {**ref['key'], 'cache': ref['path']}
+  return m

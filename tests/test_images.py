@@ -1,0 +1,196 @@
+"""Image data loaders, the classifier feature net and the image evaluator."""
+
+import gzip
+import os
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import pytest
+from conftest import smoke_config
+
+from onestep_bench import data, train
+from onestep_bench.data import idx, sources
+from onestep_bench.data.images import ImageArrays, to_uint8
+from onestep_bench.evaluators import image_eval, runner
+
+
+def _cfg(**kw):
+  return mlc.ConfigDict(kw)
+
+
+# ---------------------------------------------------------------- loaders
+def test_digits_real_data():
+  ds = data.build(_cfg(name='digits'))
+  x, y = ds.split_images('train')
+  xt, _ = ds.split_images('test')
+  assert x.shape == (1437, 8, 8, 1) and xt.shape == (360, 8, 8, 1)
+  assert x.dtype == np.uint8 and x.max() == 255 and x.min() == 0
+  assert set(np.unique(y)) == set(range(10))
+  assert ds.spec.num_classes == 0  # unconditional by default
+  b = jax.jit(lambda k: ds.sample(k, 16, ds.arrays))(jax.random.key(0))
+  assert b['x'].shape == (16, 8, 8, 1) and 'y' not in b
+  assert -1.0 <= float(b['x'].min()) and float(b['x'].max()) <= 1.0
+  again = data.build(_cfg(name='digits')).split_images('test')[0]
+  np.testing.assert_array_equal(xt, again)  # deterministic split
+
+
+def test_conditional_batches_carry_labels():
+  ds = data.build(_cfg(name='digits', conditional=True))
+  assert ds.spec.num_classes == 10
+  b = ds.sample(jax.random.key(1), 32)
+  assert b['y'].shape == (32,) and b['y'].dtype == np.int32
+  # The label belongs to the image that was drawn.
+  x, y = ds.split_images('train')
+  xb = to_uint8(np.asarray(b['x']))
+  for i in range(4):
+    j = np.flatnonzero((x == xb[i]).all(axis=(1, 2, 3)))
+    assert b['y'][i] in y[j]
+
+
+def test_uint8_round_trip_is_exact():
+  x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  ds = ImageArrays('t', {'train': (x, np.zeros(1, np.int32))}, 1)
+  np.testing.assert_array_equal(to_uint8(ds.sample(jax.random.key(0), 1)['x']),
+                                x)
+
+
+def _write_fashion(tmp_path, n=12, corrupt=None):
+  rng = np.random.RandomState(0)
+  for split, (img, lab) in sources.FASHION_MNIST_FILES.items():
+    idx.write_idx(str(tmp_path / (img + '.gz')),
+                  rng.randint(0, 256, (n, 28, 28)).astype(np.uint8))
+    idx.write_idx(str(tmp_path / (lab + '.gz')),
+                  rng.randint(0, 10, (n,)).astype(np.uint8))
+  if corrupt:
+    path = tmp_path / (corrupt + '.gz')
+    raw = gzip.open(path).read()
+    with gzip.open(path, 'wb') as f:
+      f.write(raw[:-100])  # truncated payload, valid gzip
+
+
+def test_idx_round_trip_and_dtypes(tmp_path):
+  for arr in (np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+              np.linspace(-1, 1, 6, dtype=np.float32),
+              np.arange(5, dtype=np.int32)):
+    for suffix in ('', '.gz'):
+      p = str(tmp_path / f'a{arr.dtype}{suffix}')
+      idx.write_idx(p, arr)
+      np.testing.assert_array_equal(idx.read_idx(p), arr)
+
+
+def test_fashion_mnist_from_idx_dir(tmp_path):
+  _write_fashion(tmp_path)
+  ds = data.build(_cfg(name='fashion_mnist', dir=str(tmp_path)))
+  assert ds.spec.shape == (28, 28, 1)
+  assert ds.split_images('test')[0].shape == (12, 28, 28, 1)
+
+
+def test_fashion_mnist_corrupt_and_missing(tmp_path):
+  _write_fashion(tmp_path, corrupt='train-images-idx3-ubyte')
+  with pytest.raises(idx.IdxError, match='truncated or corrupt'):
+    data.build(_cfg(name='fashion_mnist', dir=str(tmp_path)))
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'x').write_bytes(b'\x08\x03garbage')
+  with pytest.raises(idx.IdxError, match='not an IDX file'):
+    idx.read_idx(str(tmp_path / 'bad' / 'x'))
+  with pytest.raises(sources.DatasetNotFoundError, match='apt-get install'):
+    data.build(_cfg(name='fashion_mnist', dir=str(tmp_path / 'empty')))
+
+
+def test_tfds_sources_with_mock_data():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=6,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    for name, shape in (('mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))):
+      ds = data.build(_cfg(name=name, conditional=True))
+      assert ds.spec.shape == shape and ds.spec.num_classes == 10
+      assert ds.split_images('train')[0].shape == (6, *shape)
+      assert ds.sample(jax.random.key(0), 4)['y'].shape == (4,)
+
+
+def test_tfds_not_prepared(tmp_path):
+  with pytest.raises(sources.DatasetNotFoundError, match='tfds build'):
+    data.build(_cfg(name='cifar10', dir=str(tmp_path)))
+
+
+def test_latents_and_unknown_dataset(tmp_path):
+  np.save(tmp_path / 'train_latents.npy',
+          np.random.randn(10, 4, 4, 4).astype(np.float32))
+  np.save(tmp_path / 'train_labels.npy', np.arange(10) % 3)
+  ds = data.build(_cfg(name=f'latents:{tmp_path}', latent_scale=0.5,
+                       conditional=True))
+  assert ds.spec.kind == 'latent' and ds.spec.num_classes == 3
+  b = ds.sample(jax.random.key(0), 5)
+  assert b['x'].shape == (5, 4, 4, 4) and b['x'].dtype == np.float32
+  with pytest.raises(ValueError, match='decoder'):
+    image_eval.get_extractor(ds, _cfg(feature_net='auto'))
+  with pytest.raises(sources.DatasetNotFoundError):
+    data.build(_cfg(name=f'latents:{tmp_path}/none'))
+  with pytest.raises(ValueError, match='fashion_mnist'):
+    data.build(_cfg(name='fashoin_mnist'))
+
+
+# --------------------------------------------------------------- evaluator
+class _PixelFeatures:
+  """A deterministic stand-in feature net: pixels as features."""
+
+  weights_sha256 = 'pixels'
+
+  def __call__(self, images):
+    f = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    probs = np.full((len(images), 10), 0.1)
+    return {'features': f, 'probs': probs}
+
+
+def test_reference_cache_key(tmp_path, monkeypatch):
+  monkeypatch.setenv('ONESTEP_CACHE', str(tmp_path))
+  ds = data.build(_cfg(name='digits'))
+  ref = image_eval.reference_stats(ds, _PixelFeatures(), 'pix', 'train', 500)
+  again = image_eval.reference_stats(ds, _PixelFeatures(), 'pix', 'train', 500)
+  assert again['path'] == ref['path']
+  np.testing.assert_array_equal(again['sigma'], ref['sigma'])
+  other = image_eval.reference_stats(ds, _PixelFeatures(), 'pix', 'test', 500)
+  assert other['path'] != ref['path'] and other['key']['n'] == 360
+  # A tampered entry is refused, never silently reused.
+  with np.load(ref['path']) as z:
+    items = dict(z)
+  items['key'] = np.frombuffer(b'{"n": 1}', np.uint8)
+  np.savez(ref['path'], **items)
+  with pytest.raises(ValueError, match='delete it'):
+    image_eval.reference_stats(ds, _PixelFeatures(), 'pix', 'train', 500)
+
+
+def test_fid_of_real_data_is_small(tmp_path, monkeypatch):
+  monkeypatch.setenv('ONESTEP_CACHE', str(tmp_path))
+  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits',
+                      _PixelFeatures())
+  ds = data.build(_cfg(name='digits'))
+  ev = _cfg(feature_net='auto', ref_split='train', ref_n=0, fid_bootstrap=3)
+  x_test = ds.split_images('test')[0].astype(np.float64) / 127.5 - 1
+  real = image_eval.score_images(x_test, ds, ev, seed=0)
+  noise = image_eval.score_images(
+      np.random.RandomState(0).uniform(-1, 1, x_test.shape), ds, ev, seed=0)
+  assert real['fid'] < 0.1 * noise['fid']
+  assert real['fid_ci_lo'] <= real['fid_ci_hi']
+  assert real['precision'] > noise['precision']
+  assert abs(real['inception_score'] - 1.0) < 1e-6  # uniform stand-in probs
+
+
+def test_image_smoke_run(tmp_path, cheap_classifier):
+  config = smoke_config('flow_matching', 'digits')
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  rec = summary['evals'][0]
+  assert rec['feature_net'] == 'classifier:digits'
+  assert rec['reference']['dataset'] == 'digits'
+  for k in ('fid', 'inception_score', 'precision', 'recall', 'kid'):
+    assert np.isfinite(rec['metrics'][k]), k
+  assert os.path.exists(tmp_path / 'samples_nfe1.png')
+  x = np.load(tmp_path / rec['samples_file'])['x']
+  assert x.shape == (config.evals.main.n_samples, 8, 8, 1)
+
+
+def test_conditional_sampling_uses_balanced_labels():
+  labels = np.asarray(runner.sample_labels(jax.random.key(0), 100, 10))
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 10))
+  assert not np.array_equal(labels, np.arange(100) % 10)
