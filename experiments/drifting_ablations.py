@@ -1,7 +1,7 @@
 """Drifting ablations on toy 2D (paper A.6 / Table B3 analogues).
 
-  make sweep EXP=drifting_ablations SWEEP=temperatures
-  make sweep EXP=drifting_ablations SWEEP=normalization
+make sweep EXP=drifting_ablations SWEEP=temperatures
+make sweep EXP=drifting_ablations SWEEP=normalization
 """
 
 from experiments.bench import get_config  # noqa: F401  (the protocol)

@@ -1,7 +1,7 @@
 """MeanFlow ablations on toy 2D (paper §5 / Table 1 analogues).
 
-  make sweep EXP=meanflow_ablations SWEEP=ratio
-  make sweep EXP=meanflow_ablations SWEEP=ratio,adaptive_p   # product
+make sweep EXP=meanflow_ablations SWEEP=ratio
+make sweep EXP=meanflow_ablations SWEEP=ratio,adaptive_p   # product
 """
 
 from experiments.bench import get_config  # noqa: F401  (the protocol)

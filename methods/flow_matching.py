@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def sample_time(key: jax.Array, n: int, cfg: ml_collections.ConfigDict):
-  """t ~ U[0, 1] or logit-normal(p_mean, p_std); [n] float32."""
+  """T ~ U[0, 1] or logit-normal(p_mean, p_std); [n] float32."""
   if cfg.time_dist == 'uniform':
     return jax.random.uniform(key, (n,))
   if cfg.time_dist == 'logit_normal':

@@ -1,6 +1,6 @@
 """CLI: flags -> `train_and_evaluate(config, workdir)` -> results CSVs.
 
-  python -m onestep_bench.main \
+python -m onestep_bench.main \
     --config=experiments/bench.py:method=drifting,dataset=toy2d:8gaussians \
     [--config.train.num_steps=500] [--workdir=runs/...] [--results_dir=results]
 """

@@ -11,7 +11,8 @@ import os
 
 import jax
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def maybe_initialize_distributed() -> None:

@@ -39,7 +39,8 @@ class NonFiniteError(FloatingPointError):
 # ============================================================== helpers
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """12-hex hash of the config without the seed (seeds of one config share
-  it, so the leaderboard can aggregate them)."""
+  it, so the leaderboard can aggregate them).
+  """
   d = config.to_dict()
   d.pop('seed', None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
@@ -62,7 +63,9 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
-  import flax, optax, orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,multiple-imports
+  import flax
+  import optax
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,multiple-imports
   return {'python': sys.version.split()[0], 'jax': jax.__version__,
           'flax': flax.__version__, 'optax': optax.__version__,
           'orbax': ocp.__version__, 'numpy': np.__version__}

@@ -7,8 +7,12 @@ import pytest
 from conftest import smoke_config
 
 from onestep_bench import data
-from onestep_bench.method import (AnyNFE, TrainState, UnsupportedNFEError,
-                                  load_method)
+from onestep_bench.method import (
+  AnyNFE,
+  TrainState,
+  UnsupportedNFEError,
+  load_method,
+)
 
 
 def _setup(name):

@@ -57,7 +57,7 @@ def test_uint8_round_trip_is_exact():
 
 def _write_fashion(tmp_path, n=12, corrupt=None):
   rng = np.random.RandomState(0)
-  for split, (img, lab) in sources.FASHION_MNIST_FILES.items():
+  for img, lab in sources.FASHION_MNIST_FILES.values():
     idx.write_idx(str(tmp_path / (img + '.gz')),
                   rng.randint(0, 256, (n, 28, 28)).astype(np.uint8))
     idx.write_idx(str(tmp_path / (lab + '.gz')),

@@ -48,6 +48,8 @@ class DataSpec:
 
 
 class Dataset(Protocol):
+  """What the harness needs of a dataset (toy2d.Toy2D, images.ImageArrays)."""
+
   spec: DataSpec
 
   @property

@@ -26,13 +26,15 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 [N,H,W,C], labels [N])
 
 
 def to_float(x: jax.Array) -> jax.Array:
-  """uint8 [..., H, W, C] -> float32 in [-1, 1] ((x - 127.5) / 127.5, which
-  maps 0 and 255 to exactly -1 and 1 in float32)."""
+  """uint8 [..., H, W, C] -> float32 in [-1, 1].
+
+  (x - 127.5) / 127.5 maps 0 and 255 to exactly -1 and 1 in float32.
+  """
   return (x.astype(jnp.float32) - 127.5) / 127.5
 
 
 def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
-  """float in [-1, 1] -> uint8 [0, 255], rounded and clipped (as ADM/EDM)."""
+  """Float in [-1, 1] -> uint8 [0, 255], rounded and clipped (as ADM/EDM)."""
   x = np.asarray(x, np.float32)
   return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -122,7 +124,8 @@ class ImageArrays:
     """(uint8 images, labels) of `split`, for reference statistics."""
     if split not in self.splits:
       raise ValueError(f'{self.spec.name} has no split {split!r}; available: '
-                       f'{sorted(self.splits)} (config.evals.<name>.ref_split).')
+                       f'{sorted(self.splits)} '
+                       '(config.evals.<name>.ref_split).')
     return self.splits[split]
 
   def label_frequencies(self) -> np.ndarray:

@@ -65,7 +65,7 @@ def load_fashion_mnist(directory: str | None = None) -> tuple[Splits, int]:
   for split, stems in FASHION_MNIST_FILES.items():
     paths = [_find(directory, s) for s in stems]
     if None in paths:
-      missing = [s for s, p in zip(stems, paths) if p is None]
+      missing = [s for s, p in zip(stems, paths, strict=True) if p is None]
       raise DatasetNotFoundError(
           f'Fashion-MNIST files {missing} (or .gz) not found in {directory}. '
           'Install them with `make data` (runs `apt-get install -y '

@@ -179,14 +179,15 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   warning is logged and covmean = sqrtm((sigma1 + eps I) @ (sigma2 + eps I))
   (the trace terms keep the original sigmas); a complex covmean whose
   diagonal imaginary part is not allclose to 0 (atol 1e-3) raises, else its
-  real part is used. Costs one real Schur decomposition (minutes at D=2048
-  on a slow 2-core host, see the module tests' timings in the report).
+  real part is used. Costs one real Schur decomposition of a [D, D] matrix:
+  ~14 s at D=2048 on one core of the dev host (AMD EPYC, OpenBLAS).
 
   `method='eigh'` uses sqrt(sigma1) from a symmetric eigendecomposition and
   the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1) (`_trace_sqrt_product`;
   evaluation.md §0 cross-check). It needs PSD inputs (always true for
   covariances), never needs eps, and agrees with 'sqrtm' to ~1e-10
-  relative on well-conditioned covariances; several times faster.
+  relative on well-conditioned covariances (8e-14 at D=2048); ~4 s at
+  D=2048 on the same core.
 
   Args:
     mu1: [D] mean of the first (generated) features.
@@ -271,7 +272,8 @@ def fid_bootstrap_ci(features: np.ndarray, mu_ref: np.ndarray,
   The trace term uses the 'eigh' path of `frechet_distance`: sqrt(sigma_ref)
   once, then one [D, D] eigvalsh per replicate. Cost per replicate: one
   weighted covariance (~0.63 N D^2 flops, only rows drawn at least once)
-  plus ~3 D^3; the default n_boot is small for that reason.
+  plus ~3 D^3; the default n_boot is small for that reason (D=2048, one
+  core: ~30 s for N=10k, ~70 s for N=50k at n_boot=10).
 
   Args:
     features: [N, D] generated features (N >= 2).

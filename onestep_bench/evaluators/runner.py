@@ -71,7 +71,7 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
                  chunk: int, *, num_classes: int = 0,
                  guidance: float | None = None
                  ) -> tuple[np.ndarray, dict[str, float]]:
-  """n samples in jitted chunks of `chunk`; returns samples and cost info.
+  """N samples in jitted chunks of `chunk`; returns samples and cost info.
 
   With `num_classes > 0` every chunk is sampled with class-balanced labels
   (`sample_labels`) and the CFG scale `guidance`.
