@@ -71,6 +71,32 @@ def versions() -> dict[str, str]:
           'orbax': ocp.__version__, 'numpy': np.__version__}
 
 
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
+                         is_main: bool) -> None:
+  """Refuses to resume a workdir written by a different config or seed.
+
+  Without this, rerunning a changed config in the same workdir would restore
+  the old final checkpoint and record its scores under the new config hash.
+  `evals` may differ (re-evaluating a trained run at other NFEs is fine).
+  """
+  path = os.path.join(workdir, 'run_config.json')
+  train_only = ml_collections.ConfigDict(config.to_dict())
+  del train_only['evals']
+  ident = {'train_config_hash': config_hash(train_only),
+           'seed': int(config.seed)}
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+    if stored != ident:
+      raise ValueError(
+          f'{workdir} holds a run of another config ({stored}); this one is '
+          f'{ident}. Use a new --workdir, or delete that directory to '
+          'retrain.')
+  elif is_main:
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(ident, f)
+
+
 def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int):
   """jit(state, root_key, arrays, n) -> (state, stacked metrics), n steps.
 
@@ -127,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   example = dataset.sample(jax.random.key(0), 2)
   init = jax.jit(method.init, out_shardings=repl)
   state = init(init_key, example)
+  check_workdir_config(workdir, config, is_main)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
   restored = ckpt.restore_latest(state)
   if restored is not None:

@@ -183,8 +183,9 @@ def test_image_smoke_run(tmp_path, cheap_classifier):
   rec = summary['evals'][0]
   assert rec['feature_net'] == 'classifier:digits'
   assert rec['reference']['dataset'] == 'digits'
-  for k in ('fid', 'inception_score', 'precision', 'recall', 'kid'):
-    assert np.isfinite(rec['metrics'][k]), k
+  for k in ('fid', 'fid_floor', 'inception_score', 'precision', 'recall',
+            'kid'):
+    assert np.isfinite(rec["metrics"][k]), k
   assert os.path.exists(tmp_path / 'samples_nfe1.png')
   x = np.load(tmp_path / rec['samples_file'])['x']
   assert x.shape == (config.evals.main.n_samples, 8, 8, 1)

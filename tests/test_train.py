@@ -99,3 +99,13 @@ def test_sharded_8_devices_matches_1_device(tmp_path):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  config = smoke_config('flow_matching')
+  train.train_and_evaluate(config, str(tmp_path))
+  config.evals.main.nfe = (1,)  # re-evaluation only: allowed
+  train.train_and_evaluate(config, str(tmp_path))
+  config.train.lr = 0.5 * config.train.lr
+  with pytest.raises(ValueError, match='another config'):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -111,6 +111,33 @@ def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
   return {'mu': mu, 'sigma': sigma, 'features': sub, 'key': key, 'path': path}
 
 
+_FLOORS: dict[tuple[str, ...], float] = {}
+
+
+def fid_floor(dataset: ImageArrays, extractor: Any, ref: dict[str, Any],
+              n: int, seed: int) -> float | None:
+  """FID of `n` real held-out images against the reference (the floor).
+
+  What a perfect generator would score at this sample count: `n` images of
+  the held-out split, drawn with replacement when the split is smaller (the
+  duplicates make it a slight over-estimate). None without a held-out split.
+  """
+  held = [s for s in ('test', 'validation') if s in dataset.splits
+          and s != ref['key']['split']]
+  if not held:
+    return None
+  key = (json.dumps(ref['key'], sort_keys=True), held[0], str(n), str(seed))
+  if key not in _FLOORS:
+    images = dataset.split_images(held[0])[0]
+    idx = np.random.RandomState(seed).choice(len(images), n,
+                                             replace=n > len(images))
+    mu, sigma = image_metrics.gaussian_stats(
+        extractor(images[idx])['features'])
+    _FLOORS[key] = image_metrics.frechet_distance(mu, sigma, ref['mu'],
+                                                  ref['sigma'])
+  return _FLOORS[key]
+
+
 def score_images(samples: np.ndarray, dataset: ImageArrays,
                  ev: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
   """FID, bootstrap CI, IS, precision/recall and KID of `samples`.
@@ -135,6 +162,9 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   m: dict[str, Any] = {
       'fid': image_metrics.frechet_distance(mu, sigma, ref['mu'],
                                             ref['sigma'])}
+  floor = fid_floor(dataset, extractor, ref, len(samples), seed)
+  if floor is not None:
+    m['fid_floor'] = floor
   n_boot = int(ev.get('fid_bootstrap', 10))
   if n_boot:
     lo, hi = image_metrics.fid_bootstrap_ci(feats, ref['mu'], ref['sigma'],
