@@ -75,10 +75,18 @@ def metric_name(metric: str, n_samples: int) -> str:
   return f'{base}_{n}{floor}'
 
 
+def _count(metric: str) -> int:
+  """Sample count encoded in a metric name ('fid_10k' -> 10000; else 0)."""
+  m = re.search(r'_(\d+)(k?)$', metric)
+  return int(m.group(1)) * (1000 if m.group(2) else 1) if m else 0
+
+
 def primary_metric(metrics: Sequence[str]) -> str | None:
   """The ranking metric: first FID metric, else 'sliced_w2', else the first."""
   ranked = [m for m in metrics if not m.endswith('_floor')]
-  fids = [m for m in ranked if m == 'fid' or m.startswith('fid_')]
+  # 'fid' / 'fid_10k' (not 'fid_ci_lo_10k'); the largest sample count first.
+  fids = sorted((m for m in ranked if re.fullmatch(r'fid(_\d+k?)?', m)),
+                key=lambda m: -_count(m))
   prefs = fids[:1] + [m for m in ranked if m == 'sliced_w2'] + ranked
   return prefs[0] if prefs else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -175,11 +176,15 @@ def regenerate(results_dir: str = 'results',
       continue
     with open(f, encoding='utf-8') as fh:
       header = fh.readline().strip().split(',')  # Metric names have no ','.
-    metric = leaderboard.primary_metric(
-        [c[:-5] for c in header if c.endswith('_mean')])
-    p = metric and metric_vs_nfe(f, metric, os.path.join(
-        results_dir, 'plots', f'{stem}__{metric}_vs_nfe.png'))
-    out += [p] if p else []
+    names = [c[:-5] for c in header if c.endswith('_mean')]
+    # The primary metric, plus every other FID-<n> (e.g. the FID-2K NFE
+    # sweep beside the FID-10K main eval).
+    metrics = [leaderboard.primary_metric(names)] + [
+        m for m in names if re.fullmatch(r'fid_\d+k?', m)]
+    for metric in dict.fromkeys(m for m in metrics if m):
+      p = metric_vs_nfe(f, metric, os.path.join(
+          results_dir, 'plots', f'{stem}__{metric}_vs_nfe.png'))
+      out += [p] if p else []
   return out
 
 
