@@ -77,3 +77,20 @@ def test_unsupported_nfe_raises(method_name):
       _nfes(method)) + 1
   with pytest.raises(UnsupportedNFEError, match='supported'):
     method.sample(params, jax.random.key(0), 4, nfe=bad)
+
+
+def test_sampling_flops_scale_with_nfe(method_name):
+  """Effective NFE = sampling FLOPs / one backbone forward, counted through
+  the sampler's loops (XLA's cost analysis counts a loop body once)."""
+  from onestep_bench.evaluators import runner  # pylint: disable=g-import-not-at-top
+  config = smoke_config(method_name)
+  ds = data.build(config.data)
+  method = load_method(config, ds.spec)
+  params = method.init(jax.random.key(0), ds.sample(jax.random.key(0), 8)).params
+  fwd = runner.backbone_flops(method, params)
+  assert fwd > 0
+  for nfe in (1, 2):
+    if nfe in method.supported_nfe:
+      _, cost = runner.draw_samples(method, params, jax.random.key(1), 16, nfe,
+                                    16)
+      assert cost['flops_per_sample'] / fwd == pytest.approx(nfe, rel=0.05)

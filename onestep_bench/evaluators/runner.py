@@ -4,7 +4,8 @@ For every eval in `config.evals` and every nfe in `eval.nfe ∩
 method.supported_nfe`, the same code draws `n_samples` samples with
 `method.sample(ema_params, key, chunk, nfe=nfe)` in jitted chunks (the last
 chunk is sampled whole and sliced, never dropped), times them, reads the
-sampler's FLOPs from XLA's cost analysis, saves `samples_nfe{k}.npz` in the
+sampler's matmul/conv FLOPs (`flops.count_flops`, loops counted by trip
+count) and the effective NFE (those FLOPs / one backbone forward), saves `samples_nfe{k}.npz` in the
 workdir, and scores them with the dataset family's metrics.
 """
 
@@ -23,6 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from onestep_bench.data import Dataset
+from onestep_bench.flops import count_flops
 from onestep_bench.method import Method
 
 
@@ -85,9 +87,9 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
     return method.sample(p, k_x, chunk, nfe=nfe, labels=labels,
                          guidance=guidance)
   compiled = jax.jit(fn).lower(params, key).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get('flops', float('nan')))
+  # jaxpr count, not compiled.cost_analysis(): XLA counts a scanned
+  # sampler's loop body once, whatever the NFE.
+  flops, _ = count_flops(fn, params, key)
   out, t0 = [], time.perf_counter()
   steps = math.ceil(n / chunk)
   for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
@@ -99,11 +101,20 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
                    'flops_per_sample': flops / chunk}
 
 
+def backbone_flops(method: Method, params: Any) -> float:
+  """Matmul/conv FLOPs of one backbone forward pass for one sample."""
+  spec = method.spec
+  x = jnp.zeros((1, *spec.shape), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32) if spec.num_classes else None
+  return count_flops(lambda p: method.apply(p, x, 0.5, 0.0, y), params)[0]
+
+
 def evaluate(method: Method, params: Any, dataset: Dataset,
              evals: ml_collections.ConfigDict, workdir: str | None,
              key: jax.Array, *, seed: int) -> list[dict[str, Any]]:
   """Runs every configured eval; returns one record per (eval, nfe)."""
   records = []
+  fwd = backbone_flops(method, params)
   for name, ev in evals.items():
     for nfe in eval_nfes(method, ev, name):
       guidance = ev.get('guidance', None)
@@ -113,7 +124,11 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           num_classes=dataset.spec.num_classes, guidance=guidance)
       rec = {'eval': name, 'nfe': nfe, 'n_samples': int(ev.n_samples),
              'feature_net': feature_net(dataset, ev), 'guidance': guidance,
-             **cost, 'samples_file': None}
+             **cost, 'backbone_flops': fwd,
+             # Sampling cost in backbone forwards (TM's head, CFG's extra
+             # passes etc. included): comparable across methods.
+             'effective_nfe': cost['flops_per_sample'] / fwd if fwd else None,
+             'samples_file': None}
       if workdir is not None and jax.process_index() == 0:
         rec['samples_file'] = f'samples_nfe{nfe}.npz'
         np.savez_compressed(os.path.join(workdir, rec['samples_file']),
