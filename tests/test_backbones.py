@@ -128,9 +128,15 @@ def test_mlp_params_unchanged_by_guidance_option():
 
 COMBOS = list(itertools.product(layers.NORMS, (False, True),
                                 layers.MODULATIONS, layers.INITS))
+# DiT's defaults and TVM's combination run in `make test`; all 16 in
+# `make test-slow` (each combination is a separate compile).
+_FAST_COMBOS = {('layernorm', False, 'adaln', 'dit'),
+                ('rmsnorm', True, 'rms_adaln', 'spectral')}
 
 
-@pytest.mark.parametrize('norm,qk_norm,modulation,init', COMBOS)
+@pytest.mark.parametrize('norm,qk_norm,modulation,init', [
+    c if c in _FAST_COMBOS else pytest.param(*c, marks=pytest.mark.slow)
+    for c in COMBOS])
 def test_dit_option_combos(norm, qk_norm, modulation, init):
   net = _build('dit', (8, 8, 1), size='tiny', patch_size=2, norm=norm,
                qk_norm=qk_norm, modulation=modulation, init=init)
