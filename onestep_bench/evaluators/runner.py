@@ -81,10 +81,11 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
   chunk = min(chunk, n)
 
   def fn(p, k):
-    k_lab, k_x = jax.random.split(k)
-    labels = (sample_labels(k_lab, chunk, num_classes) if num_classes
-              else None)
-    return method.sample(p, k_x, chunk, nfe=nfe, labels=labels,
+    labels = None
+    if num_classes:  # unconditional runs keep the key as is (reproducible)
+      k_lab, k = jax.random.split(k)
+      labels = sample_labels(k_lab, chunk, num_classes)
+    return method.sample(p, k, chunk, nfe=nfe, labels=labels,
                          guidance=guidance)
   compiled = jax.jit(fn).lower(params, key).compile()
   # jaxpr count, not compiled.cost_analysis(): XLA counts a scanned
