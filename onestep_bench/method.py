@@ -207,8 +207,9 @@ class Method:
     b = x.shape[0]
     as_b = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b,))
     h = jnp.zeros((b,), jnp.float32) if h is None else as_b(h)
-    return self.net.apply(params, x, as_b(t), h, y,
-                          None if g is None else as_b(g))
+    if g is None:
+      return self.net.apply(params, x, as_b(t), h, y)
+    return self.net.apply(params, x, as_b(t), h, y, as_b(g))
 
   def noise(self, key: jax.Array, n: int) -> jax.Array:
     """Standard-normal prior sample, [n, *spec.shape]."""
