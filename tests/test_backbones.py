@@ -49,11 +49,16 @@ def _perturb(params, scale=0.05, seed=1):
 
 CASES = [
     ('unet', (8, 8, 1), TINY_UNET),
-    # 28 -> 14 -> 7 -> 7: the last downsample is skipped (odd size).
-    ('unet', (28, 28, 1), {'channels': 16, 'channel_mult': (1, 2, 2, 2),
-                           'num_res_blocks': 1}),
-    ('unet', (32, 32, 3), {'channels': 16, 'channel_mult': (1, 2, 2),
-                           'num_res_blocks': 1, 'attn_resolutions': (16,)}),
+    # 28 -> 14 -> 7 -> 7: the last downsample is skipped (odd size). Larger
+    # U-Nets compile for ~40 s on 2 cores: `make test-slow`.
+    pytest.param('unet', (28, 28, 1), {'channels': 16,
+                                       'channel_mult': (1, 2, 2, 2),
+                                       'num_res_blocks': 1},
+                 marks=pytest.mark.slow),
+    pytest.param('unet', (32, 32, 3), {'channels': 16, 'channel_mult': (1, 2, 2),
+                                       'num_res_blocks': 1,
+                                       'attn_resolutions': (16,)},
+                 marks=pytest.mark.slow),
     ('dit', (8, 8, 1), {'size': 'tiny', 'patch_size': 2}),
     ('dit', (28, 28, 1), {'size': 'tiny', 'patch_size': 4}),
     ('dit', (28, 28, 1), {'size': 'tiny', 'patch_size': 2}),
