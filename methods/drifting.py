@@ -70,11 +70,37 @@ def get_config() -> ml_collections.ConfigDict:
       # Floor on softmax_row·softmax_col. Official 1e-6; 0 here because the
       # official value breaks groups of ~1000 (spec §1.12.7).
       affinity_floor=0.0,
-      # Generated samples (= negatives) per step; 0 means the data batch
-      # size. Positives are the data batch (official toy: 2048 + 2048).
+      # Generated samples (= negatives) per group; 0 means the positives per
+      # group. Positives are the data batch (official toy: 2048 + 2048;
+      # ImageNet: 64 generated and 64 positives per class, Table A1).
       num_gen=0,
-      # Image-only keys (feature encoder, per-class groups, CFG α, memory
-      # banks; spec §1.4-1.7) belong to the image issue.
+      # Feature set the field is computed on (paper §3.4, A.5): 'pixels'
+      # (the raw generator output: the `global` key, the only term of the
+      # toy / robotics runs), 'encoder' (frozen encoder keys only), or
+      # 'pixels+encoder' (official: `global` + the encoder's multi-scale
+      # keys). 'auto': raw for toy data, 'pixels+encoder' for images.
+      features='auto',
+      # Frozen feature encoder (images): the harness trains a small
+      # ResNet-MAE on the training split (paper A.3 latent-MAE recipe, scaled
+      # down; onestep_bench/encoders.py) and caches it. Never the evaluator's
+      # network. 0 = the recipe default for width / steps.
+      encoder_width=0,
+      encoder_steps=0,
+      # Class groups per step on labelled data (official N_c: 64 ablation,
+      # 128 final). 0 = every class once (10 for digits / Fashion-MNIST).
+      # Positives per class = batch_size / groups (official 64).
+      classes_per_step=0,
+      # CFG in training (paper §3.5, A.7): N_unc real samples of random
+      # class as extra negatives with weight w = (α-1)(N_neg-1)/N_unc, α fed
+      # to the generator (config.model.guidance_embed=True). Official N_unc
+      # 16 (ablation) / 32 (final); 0 disables CFG.
+      num_unc=16,
+      # α ∈ [1, cfg_alpha_max] with p(α) ∝ α^-cfg_alpha_power, and α = 1
+      # with probability cfg_p_one (official: [1, 4], power 3 ablation / 5
+      # B/2; L/2: p_one 0.5).
+      cfg_alpha_max=4.0,
+      cfg_alpha_power=3.0,
+      cfg_p_one=0.0,
   ))
 
 
@@ -246,42 +272,205 @@ def drift_loss(
 
 
 # -------------------------------------------------------------------- method
-class Method(base.Method):
-  """One-step generator f_θ(ε) = net(ε, t=1, h=1) trained by drifting.
+def sample_alpha(key: jax.Array, n: int, *, alpha_max: float, power: float,
+                 p_one: float) -> jax.Array:
+  """CFG strengths α ∈ [1, alpha_max], p(α) ∝ α^-power, α = 1 w.p. p_one.
 
-  Toy / raw-space form: one group holding all generated samples, the data
-  batch as positives (no feature encoder; spec §1.8, §1.11). Unconditional:
-  per-class groups, CFG and feature encoders come with the image issue.
+  Inverse-CDF sampling as the official `train.py` (paper A.7). Returns [n].
+  """
+  k_u, k_one = jax.random.split(key)
+  u = jax.random.uniform(k_u, (n,))
+  if abs(power - 1.0) < 1e-6:
+    alpha = alpha_max ** u
+  else:
+    e = 1.0 - power  # CDF ∝ α^e - 1
+    alpha = (1.0 + u * (alpha_max ** e - 1.0)) ** (1.0 / e)
+  return jnp.where(jax.random.uniform(k_one, (n,)) < p_one, 1.0, alpha)
+
+
+def regroup(f: jax.Array, groups: int) -> jax.Array:
+  """[G·N, L, C] per-sample features -> [G·L, N, C] groups (class, location).
+
+  Each (class group, location) pair is one group of the field; the global
+  feature scale stays shared across all of them (paper A.6).
+  """
+  gn, l, c = f.shape
+  f = f.reshape(groups, gn // groups, l, c).transpose(0, 2, 1, 3)
+  return f.reshape(groups * l, gn // groups, c)
+
+
+class Method(base.Method):
+  """One-step generator x = f_θ(ε, c, α[, style]) trained by drifting.
+
+  Toy data: one group of all generated samples against the data batch in
+  raw coordinates (spec §1.8). Images (spec §1.4-1.5): the field is summed
+  over feature keys — the raw output (`global`) and the multi-scale keys of
+  a frozen, harness-trained encoder — with one group per (class, location);
+  labelled data adds per-class groups and CFG through weighted
+  unconditional negatives, with α an input of the generator, so guided
+  sampling stays one forward pass.
   """
 
   supported_nfe = (1,)
 
-  def generate(self, params, eps: jax.Array) -> jax.Array:
-    """The generator x = f_θ(ε): one pass at t = h = 1 (null label)."""
-    return self.apply(params, eps, 1.0, 1.0, None)
+  def __init__(self, config, spec):
+    super().__init__(config, spec)
+    m = self.mcfg
+    feats = m.features
+    if feats == 'auto':
+      feats = 'pixels' if spec.kind == 'toy2d' else 'pixels+encoder'
+    if feats not in ('pixels', 'encoder', 'pixels+encoder'):
+      raise ValueError(f"config.method.features={m.features!r}: use 'auto', "
+                       "'pixels', 'encoder' or 'pixels+encoder'.")
+    if 'encoder' in feats and spec.kind != 'image':
+      raise ValueError(f'config.method.features={feats!r} needs image data '
+                       f'(got {spec.kind}); use features=pixels.')
+    self.use_pixels = 'pixels' in feats
+    self.use_encoder = 'encoder' in feats
+    self.encoder = None  # set by `prepare`
+    self.class_groups = (m.classes_per_step or spec.num_classes
+                         if spec.num_classes else 0)
+    self.cfg = bool(spec.num_classes and m.num_unc > 0
+                    and m.cfg_alpha_max > 1.0)
+    if self.cfg and not config.model.get('guidance_embed', False):
+      raise ValueError(
+          'drifting with CFG on labelled data feeds α to the generator: set '
+          '--config.model.guidance_embed=True (or --config.method.num_unc=0 '
+          'for no CFG).')
+    self.style = (config.model.get('style_tokens', 0),
+                  config.model.get('style_vocab', 64))
 
+  # ------------------------------------------------------------- encoder
+  def prepare(self, dataset) -> None:
+    """Loads (or trains once and caches) the frozen feature encoder."""
+    if not self.use_encoder or self.encoder is not None:
+      return
+    from onestep_bench import encoders  # pylint: disable=g-import-not-at-top
+    recipe = dict(encoders.RECIPE)
+    if self.mcfg.encoder_width:
+      recipe['width'] = self.mcfg.encoder_width
+    if self.mcfg.encoder_steps:
+      recipe['steps'] = self.mcfg.encoder_steps
+    self.encoder = encoders.load_or_train(dataset, recipe)
+
+  def init_extras(self, key, params):
+    del key, params
+    if not self.use_encoder:
+      return {}
+    if self.encoder is None:
+      raise RuntimeError('methods/drifting.py: call method.prepare(dataset) '
+                         'before init (the harness does) to load the frozen '
+                         'feature encoder.')
+    # Frozen: stored (and checkpointed) with the run, never optimized.
+    return {'encoder': jax.tree.map(jnp.asarray, self.encoder.params)}
+
+  def features(self, extras, x: jax.Array) -> dict[str, jax.Array]:
+    """Feature dict {key: [B, L, C]} the field is computed on (paper A.5)."""
+    out = {}
+    if self.use_pixels:
+      out['global'] = x.reshape(x.shape[0], 1, -1)
+    if self.use_encoder:
+      enc = self.encoder.features(
+          jax.lax.stop_gradient(extras['encoder']), x)
+      out.update({f'enc/{k}': v for k, v in enc.items()})
+    return out
+
+  # ------------------------------------------------------------ generator
+  def _style(self, key: jax.Array, n: int) -> jax.Array | None:
+    tokens, vocab = self.style
+    if not tokens:
+      return None
+    return jax.random.randint(key, (n, tokens), 0, vocab)
+
+  def generate(self, params, eps: jax.Array, labels=None, alpha=None,
+               style=None) -> jax.Array:
+    """The generator x = f_θ(ε, c, α, style): one pass at t = h = 1."""
+    return self.apply(params, eps, 1.0, 1.0, labels, alpha, style)
+
+  # -------------------------------------------------------------- training
   def loss(self, params, batch, key, state):
-    """Eq. 1 on one group: num_gen samples vs the data batch (positives)."""
-    del state
+    """Eq. 1 summed over feature keys (eqs. 6-7), groups per class/location."""
     pos = batch['x']
-    n = self.mcfg.num_gen or pos.shape[0]
-    x = self.generate(params, self.noise(key, n))
-    loss, stats = drift_loss(
-        x.reshape(1, n, -1), pos.reshape(1, pos.shape[0], -1),
-        temperatures=tuple(self.mcfg.temperatures),
-        feature_norm=self.mcfg.feature_norm, drift_norm=self.mcfg.drift_norm,
-        floor=self.mcfg.affinity_floor)
-    # The loss is ≈ ‖Σ_τ Ṽ_τ‖², constant by construction with drift_norm
-    # (lambertae/drifting#3); field_rms / nn_dist are what converge.
-    return loss, dict(field_rms=stats['field_rms'], nn_dist=stats['nn_dist'],
-                      feature_scale=stats['scale'])
+    m = self.mcfg
+    field = dict(temperatures=tuple(m.temperatures),
+                 feature_norm=m.feature_norm, drift_norm=m.drift_norm,
+                 floor=m.affinity_floor)
+    if self.spec.kind == 'toy2d':  # raw coordinates, one group (spec §1.8)
+      n = m.num_gen or pos.shape[0]
+      x = self.generate(params, self.noise(key, n))
+      loss, stats = drift_loss(x.reshape(1, n, -1),
+                               pos.reshape(1, pos.shape[0], -1), **field)
+      # The loss is ≈ ‖Σ_τ Ṽ_τ‖², constant by construction with drift_norm
+      # (lambertae/drifting#3); field_rms / nn_dist are what converge.
+      return loss, dict(field_rms=stats['field_rms'],
+                        nn_dist=stats['nn_dist'],
+                        feature_scale=stats['scale'])
 
+    g = self.class_groups or 1
+    p = pos.shape[0] // g
+    n = m.num_gen or p
+    k_eps, k_alpha, k_unc, k_style = jax.random.split(key, 4)
+    labels = alpha = unc = unc_w = None
+    if self.spec.num_classes:
+      labels = jnp.repeat(batch['y'][::p], n)               # [G·N]
+    if self.cfg:
+      a_g = sample_alpha(k_alpha, g, alpha_max=m.cfg_alpha_max,
+                         power=m.cfg_alpha_power, p_one=m.cfg_p_one)
+      alpha = jnp.repeat(a_g, n)
+      # Unconditional negatives: real samples of random class (the batch's
+      # marginal is the data's), weight w = (α-1)(N-1)/N_unc (paper A.7).
+      idx = jax.random.randint(k_unc, (g * m.num_unc,), 0, pos.shape[0])
+      unc = pos[idx]
+      unc_w = (a_g - 1.0) * (n - 1) / m.num_unc               # [G]
+    x = self.generate(params, self.noise(k_eps, g * n), labels, alpha,
+                      self._style(k_style, g * n))
+    fx = self.features(state.extras, x)
+    fp = jax.lax.stop_gradient(self.features(state.extras, pos))
+    fu = (jax.lax.stop_gradient(self.features(state.extras, unc))
+          if unc is not None else None)
+    total, metrics = 0.0, {}
+    for name in fx:
+      xs, ps = regroup(fx[name], g), regroup(fp[name], g)
+      kw = {}
+      if fu is not None:
+        us = regroup(fu[name], g)
+        kw = dict(extra_neg=us, extra_neg_weights=jnp.repeat(
+            unc_w, fx[name].shape[1])[:, None])
+      loss_k, stats = drift_loss(xs, ps, **kw, **field)
+      total = total + loss_k
+      metrics[f'field_rms/{name}'] = stats['field_rms']
+    # Online sample metric (the loss is constant by construction): mean L2
+    # distance, per pixel, from each generated image to its nearest positive
+    # of its group, next to the same statistic among the positives.
+    xr = regroup(x.reshape(g * n, 1, -1), g)
+    pr = regroup(pos.reshape(g * p, 1, -1), g)
+    d_gen = _cdist(jax.lax.stop_gradient(xr), pr)
+    d_pos = _cdist(pr, pr) + 1e9 * jnp.eye(p)
+    dim = math.sqrt(xr.shape[-1])
+    metrics.update(nn_dist=jnp.mean(jnp.min(d_gen, -1)) / dim,
+                   nn_dist_data=jnp.mean(jnp.min(d_pos, -1)) / dim,
+                   num_feature_keys=jnp.asarray(len(fx), jnp.float32))
+    return total, metrics
+
+  # -------------------------------------------------------------- sampling
   def sample(self, params, key, n, *, nfe, labels=None, guidance=None):
-    """Samples f_θ(ε), ε ~ N(0, I), with exactly one network evaluation."""
+    """f_θ(ε, c, α), ε ~ N(0, I): exactly one network evaluation.
+
+    `guidance` is the CFG strength α (trained in; default 1 = no guidance).
+    """
     self.check_nfe(nfe)
-    del guidance
-    if labels is not None:
-      raise NotImplementedError(
-          'methods/drifting.py is unconditional for now (per-class groups '
-          'and CFG come with the image issue); call sample with labels=None.')
-    return self.generate(params, self.noise(key, n))
+    if labels is not None and not self.spec.num_classes:
+      raise ValueError('this drifting model is unconditional; sample with '
+                       'labels=None (or train with data.conditional=True).')
+    if guidance is not None and not self.cfg:
+      raise ValueError('this drifting model was trained without CFG; sample '
+                       'with guidance=None.')
+    k_eps, k_style = jax.random.split(key)
+    if self.spec.kind == 'toy2d':  # the recorded toy rows use the plain key
+      k_eps = key
+    alpha = None
+    if self.cfg:
+      alpha = jnp.full((n,), 1.0 if guidance is None else guidance,
+                       jnp.float32)
+    return self.generate(params, self.noise(k_eps, n), labels, alpha,
+                         self._style(k_style, n))

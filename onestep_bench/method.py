@@ -109,6 +109,9 @@ class Method:
   """
 
   supported_nfe: Container[int] = (1,)
+  # G > 0: training batches come as G one-class blocks (labelled data only;
+  # see `Dataset.sample(groups=...)`).
+  class_groups: int = 0
 
   def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
     self.config = config
@@ -118,6 +121,15 @@ class Method:
     self.tx = make_optimizer(config.train)
 
   # ----------------------------------------------------------------- training
+  def prepare(self, dataset: Any) -> None:
+    """Host-side set-up that needs the training data, before `init`.
+
+    Called once by the harness (outside jit) with the built dataset: load
+    or train frozen auxiliary networks (a feature encoder, a teacher) whose
+    arrays `init_extras` then places in `TrainState.extras`. Default: none.
+    """
+    del dataset
+
   def init(self, key: jax.Array, example_batch: Batch) -> TrainState:
     """Initial state: fresh backbone params, optimizer state, EMA = params."""
     del example_batch
@@ -198,18 +210,23 @@ class Method:
   # ------------------------------------------------------------------ helpers
   def apply(self, params: PyTree, x: jax.Array, t: jax.Array,
             h: jax.Array | None = None, y: jax.Array | None = None,
-            g: jax.Array | None = None) -> jax.Array:
+            g: jax.Array | None = None,
+            s: jax.Array | None = None) -> jax.Array:
     """Backbone call with per-sample times (and guidance g) broadcast to [B].
 
     `g` is the guidance-scale conditioning input (TVM's 1/w, Drifting's CFG
-    strength); the backbone must be built with `guidance_embed=True`.
+    strength); the backbone must be built with `guidance_embed=True`. `s` is
+    the [B, K] int style input of backbones built with `style_tokens=K`.
     """
     b = x.shape[0]
     as_b = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b,))
     h = jnp.zeros((b,), jnp.float32) if h is None else as_b(h)
-    if g is None:
+    if g is None and s is None:
       return self.net.apply(params, x, as_b(t), h, y)
-    return self.net.apply(params, x, as_b(t), h, y, as_b(g))
+    g = None if g is None else as_b(g)
+    if s is None:
+      return self.net.apply(params, x, as_b(t), h, y, g)
+    return self.net.apply(params, x, as_b(t), h, y, g, s)
 
   def noise(self, key: jax.Array, n: int) -> jax.Array:
     """Standard-normal prior sample, [n, *spec.shape]."""

@@ -106,7 +106,9 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int):
   def one_step(root_key, arrays, state: TrainState, _):
     data_key, method_key = jax.random.split(
         jax.random.fold_in(root_key, state.step))
-    b = sharding.shard_batch(dataset.sample(data_key, batch, arrays), mesh)
+    b = sharding.shard_batch(
+        dataset.sample(data_key, batch, arrays, groups=method.class_groups),
+        mesh)
     return method.train_step(state, b, method_key)
 
   @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
@@ -137,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tc = config.train
   dataset = data.build(config.data)
   method = load_method(config, dataset.spec)
+  method.prepare(dataset)  # frozen encoders / teachers (host side)
   mesh = sharding.make_mesh(config.mesh)
   if tc.batch_size % mesh.size:
     raise ValueError(f'config.train.batch_size={tc.batch_size} is not '

@@ -261,3 +261,24 @@ def test_dit_param_count_matches_paper(size, published):
   # at 32x32x3 with 10 classes and a second (h) time embedder.
   net = _build('dit', (32, 32, 3), size=size, patch_size=2)
   assert abs(net.num_params() / published - 1) < 0.05, net.num_params()
+
+
+@pytest.mark.parametrize('name', ['mlp', 'unet'])
+def test_style_input_changes_output_and_is_required(name):
+  spec = DataSpec(name='digits', shape=(8, 8, 1), kind='image')
+  cfg = dict(name=name, style_tokens=3, style_vocab=5)
+  if name == 'unet':
+    cfg.update(channels=8, channel_mult=(1,), norm_groups=4, freq_dim=16)
+  net = models.build(ml_collections.ConfigDict(cfg), spec)
+  params = net.init(jax.random.key(0))
+  # Break the zero-init output layer so the conditioning reaches the output.
+  params = jax.tree.map(lambda a: a + 0.01, params)
+  x = jnp.ones((2, 8, 8, 1))
+  t = jnp.ones((2,))
+  s1 = jnp.array([[0, 1, 2], [0, 1, 2]])
+  s2 = jnp.array([[4, 1, 2], [0, 3, 2]])
+  o1 = net.apply(params, x, t, t, None, None, s1)
+  o2 = net.apply(params, x, t, t, None, None, s2)
+  assert float(jnp.max(jnp.abs(o1 - o2))) > 0
+  with pytest.raises(ValueError, match='style'):
+    net.apply(params, x, t, t)

@@ -148,3 +148,86 @@ def test_method_smoke():
   assert x.shape == (10, 2) and bool(jnp.all(jnp.isfinite(x)))
   with pytest.raises(UnsupportedNFEError):
     method.sample(new.ema_params, key, 10, nfe=2)
+
+
+# ------------------------------------------------------------------ images
+def test_sample_alpha_matches_power_law():
+  a = np.asarray(drifting.sample_alpha(jax.random.key(0), 200_000,
+                                       alpha_max=4.0, power=3.0, p_one=0.0))
+  assert a.min() >= 1.0 and a.max() <= 4.0
+  # p(α) ∝ α^-3 on [1, 4]: P(α ≤ 2) = (1 - 2^-2) / (1 - 4^-2) = 0.8.
+  np.testing.assert_allclose(np.mean(a <= 2.0), 0.8, atol=5e-3)
+  b = np.asarray(drifting.sample_alpha(jax.random.key(1), 100_000,
+                                       alpha_max=4.0, power=3.0, p_one=0.5))
+  np.testing.assert_allclose(np.mean(b == 1.0), 0.5, atol=1e-2)
+
+
+def test_regroup_is_class_then_location():
+  f = jnp.arange(2 * 3 * 4 * 5).reshape(6, 4, 5)  # G=2 classes, N=3, L=4
+  r = drifting.regroup(f, 2)
+  assert r.shape == (8, 3, 5)
+  # group (class 1, location 2) holds samples 3..5 at location 2.
+  np.testing.assert_array_equal(r[1 * 4 + 2], f[3:6, 2])
+
+
+def _image_method(dataset='digits', **kw):
+  config = bench.get_config(f'method=drifting,dataset={dataset},smoke=True')
+  config.update_from_flattened_dict(kw)
+  ds = data.build(config.data)
+  method = load_method(config, ds.spec)
+  method.prepare(ds)
+  return config, ds, method
+
+
+def _two_steps(config, ds, method):
+  key = jax.random.key(0)
+  state = method.init(key, ds.sample(key, 2))
+  step = jax.jit(method.train_step)
+  for i in range(2):
+    batch = ds.sample(jax.random.key(10 + i), config.train.batch_size,
+                      groups=method.class_groups)
+    state, metrics = step(state, batch, jax.random.key(i))
+  assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+  return state, metrics
+
+
+def test_images_pixels_conditional_cfg():
+  config, ds, method = _image_method(**{
+      'data.conditional': True, 'model.guidance_embed': True,
+      'model.style_tokens': 4, 'model.style_vocab': 8,
+      'method.features': 'pixels', 'method.classes_per_step': 4,
+      'method.num_unc': 4})
+  assert method.class_groups == 4 and method.cfg
+  state, metrics = _two_steps(config, ds, method)
+  assert 'field_rms/global' in metrics and 'nn_dist' in metrics
+  labels = jnp.arange(6) % 10
+  # Two steps barely move the zero-initialised output paths; perturb.
+  params = jax.tree.map(lambda a: a + 0.05, state.ema_params)
+  x1 = method.sample(params, jax.random.key(3), 6, nfe=1,
+                     labels=labels, guidance=1.0)
+  x2 = method.sample(params, jax.random.key(3), 6, nfe=1,
+                     labels=labels, guidance=3.0)
+  assert x1.shape == (6, 8, 8, 1)
+  assert float(jnp.max(jnp.abs(x1 - x2))) > 0, 'α must reach the generator'
+
+
+def test_images_cfg_needs_guidance_embed():
+  with pytest.raises(ValueError, match='guidance_embed=True'):
+    _image_method(**{'data.conditional': True})
+
+
+def test_unconditional_model_rejects_labels_and_guidance():
+  _, _, method = _image_method(**{'method.features': 'pixels'})
+  params = method.net.init(jax.random.key(0))
+  with pytest.raises(ValueError, match='unconditional'):
+    method.sample(params, jax.random.key(0), 2, nfe=1, labels=jnp.zeros(2, int))
+  with pytest.raises(ValueError, match='without CFG'):
+    method.sample(params, jax.random.key(0), 2, nfe=1, guidance=2.0)
+
+
+def test_encoder_features_need_images():
+  config = bench.get_config('method=drifting,dataset=toy2d:8gaussians,'
+                            'smoke=True')
+  config.method.features = 'encoder'
+  with pytest.raises(ValueError, match='needs image data'):
+    load_method(config, data.build(config.data).spec)

@@ -195,3 +195,23 @@ def test_conditional_sampling_uses_balanced_labels():
   labels = np.asarray(runner.sample_labels(jax.random.key(0), 100, 10))
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 10))
   assert not np.array_equal(labels, np.arange(100) % 10)
+
+
+def test_grouped_batches_are_one_class_per_block():
+  ds = data.build(mlc.ConfigDict(dict(
+      name='digits', dir='', conditional=True, hflip=False)))
+  batch = jax.jit(lambda k: ds.sample(k, 40, ds.arrays, groups=4))(
+      jax.random.key(0))
+  y = np.asarray(batch['y']).reshape(4, 10)
+  assert (y == y[:, :1]).all(), y
+  # Classes drawn at data frequency: over many draws every class appears.
+  seen = set()
+  for i in range(20):
+    seen |= set(np.asarray(ds.sample(jax.random.key(i), 40, groups=4)['y']))
+  assert seen == set(range(10))
+  with pytest.raises(ValueError, match='not divisible'):
+    ds.sample(jax.random.key(0), 42, groups=4)
+  # Unconditional data ignores the request (one group: the plain batch).
+  unc = data.build(mlc.ConfigDict(dict(
+      name='digits', dir='', conditional=False, hflip=False)))
+  assert 'y' not in unc.sample(jax.random.key(0), 8, groups=4)

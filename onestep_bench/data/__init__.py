@@ -57,9 +57,12 @@ class Dataset(Protocol):
     """Device-resident data passed to `sample` inside jit ({} for toys)."""
 
   def sample(self, key: jax.Array, n: int,
-             arrays: dict[str, jax.Array] | None = None
-             ) -> dict[str, jax.Array]:
-    """A batch {'x': [n, *shape]} (+ 'y' when labelled); jit-able."""
+             arrays: dict[str, jax.Array] | None = None, *,
+             groups: int = 0) -> dict[str, jax.Array]:
+    """A batch {'x': [n, *shape]} (+ 'y' when labelled); jit-able.
+
+    `groups=G` asks labelled data for G contiguous one-class blocks.
+    """
 
   def reference(self, key: jax.Array, n: int) -> np.ndarray:
     """`n` exact / held-out reference examples for evaluation."""

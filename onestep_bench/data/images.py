@@ -85,6 +85,11 @@ class ImageArrays:
                          kind=kind)
     self._arrays: dict[str, jax.Array] | None = None
     self._host = {'x': images, 'y': labels}
+    if num_classes:  # class index tables for class-grouped batches
+      order = np.argsort(labels, kind='stable').astype(np.int32)
+      counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+      self._host.update(by_class=order, class_count=counts,
+                        class_start=(np.cumsum(counts) - counts).astype(np.int32))
 
   @property
   def arrays(self) -> dict[str, jax.Array]:
@@ -94,7 +99,8 @@ class ImageArrays:
     return self._arrays
 
   def sample(self, key: jax.Array, n: int,
-             arrays: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+             arrays: dict[str, Any] | None = None, *,
+             groups: int = 0) -> dict[str, jax.Array]:
     """A uniform random batch with replacement; jit-able.
 
     Args:
@@ -102,6 +108,11 @@ class ImageArrays:
       n: batch size.
       arrays: `self.arrays`, passed explicitly by the jitted train step so the
         dataset is an argument, not a constant baked into the program.
+      groups: G > 0 on conditional data: the batch is G contiguous blocks of
+        n / G examples of one class each, the G classes drawn at data
+        frequency (the label of a uniformly random example) and the examples
+        uniformly within the class (Drifting's per-class groups, spec §1.4).
+        Ignored on unconditional data (one group: the plain batch).
 
     Returns:
       {'x': [n, H, W, C] float32 in [-1, 1]} plus 'y': [n] int32 when the
@@ -109,7 +120,10 @@ class ImageArrays:
     """
     arrays = self.arrays if arrays is None else arrays
     k_idx, k_flip = jax.random.split(key)
-    idx = jax.random.randint(k_idx, (n,), 0, arrays['x'].shape[0])
+    if groups and self.spec.num_classes:
+      idx = self._grouped_indices(k_idx, n, groups, arrays)
+    else:
+      idx = jax.random.randint(k_idx, (n,), 0, arrays['x'].shape[0])
     x = arrays['x'][idx]
     x = to_float(x) if x.dtype == jnp.uint8 else x * self.scale
     if self.hflip:
@@ -119,6 +133,22 @@ class ImageArrays:
     if self.spec.num_classes:
       batch['y'] = arrays['y'][idx]
     return batch
+
+  @staticmethod
+  def _grouped_indices(key: jax.Array, n: int, groups: int,
+                       arrays: dict[str, Any]) -> jax.Array:
+    """[n] example indices: `groups` blocks, one class per block."""
+    if n % groups:
+      raise ValueError(f'batch size {n} is not divisible into {groups} class '
+                       'groups; change config.train.batch_size or the '
+                       "method's group count.")
+    k_cls, k_ex = jax.random.split(key)
+    anchor = jax.random.randint(k_cls, (groups,), 0, arrays['y'].shape[0])
+    cls = arrays['y'][anchor]                                     # [G]
+    u = jax.random.uniform(k_ex, (groups, n // groups))
+    pos = jnp.floor(u * arrays['class_count'][cls][:, None]).astype(jnp.int32)
+    pos = jnp.minimum(pos, arrays['class_count'][cls][:, None] - 1)
+    return arrays['by_class'][arrays['class_start'][cls][:, None] + pos].reshape(n)
 
   def split_images(self, split: str) -> Split:
     """(uint8 images, labels) of `split`, for reference statistics."""

@@ -40,8 +40,9 @@ class Backbone:
 
   def apply(self, params: dict[str, Any], x: jax.Array, t: jax.Array,
             h: jax.Array, y: jax.Array | None = None,
-            g: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g); pure in `params`.
+            g: jax.Array | None = None,
+            s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s); pure in `params`.
 
     Args:
       params: from `init`.
@@ -51,13 +52,16 @@ class Backbone:
       y: [B] int32 labels, or None for the null label.
       g: [B] float32 guidance input; only for backbones built with
         `guidance_embed=True` (required there, a ValueError elsewhere).
+      s: [B, K] int32 style indices; only for backbones built with
+        `style_tokens=K` (required there, a ValueError elsewhere).
 
     Returns:
       [B, *shape] float32.
     """
     state = jax.tree.map(lambda a: a, self._abstract)
     nnx.replace_by_pure_dict(state, _int_keys(params))
-    return nnx.merge(self._graphdef, state)(x, t, h, y, g)
+    module = nnx.merge(self._graphdef, state)
+    return module(x, t, h, y, g) if s is None else module(x, t, h, y, g, s)
 
   def num_params(self) -> int:
     """Parameter count, from abstract shapes (nothing is allocated)."""

@@ -22,6 +22,7 @@ from flax import nnx
 from onestep_bench.models import layers
 from onestep_bench.models.embeddings import (
     LabelEmbed,
+    StyleEmbed,
     TimeEmbed,
     embed_conditions,
 )
@@ -105,6 +106,9 @@ class DiT(nnx.Module):
       MLPs spectrally (TVM's `time_specinit`); else they stay N(0, 0.02).
     pos_emb: 'sincos' (fixed, DiT) | 'learned' (init N(0, 0.02)).
     guidance_embed: add a TimeEmbed of the guidance input g to c.
+    style_tokens: K > 0 adds `StyleEmbed` (K tables of style_vocab
+      entries) of the style input s [B, K] to c (Drifting App. A.2).
+    style_vocab: entries per style table (official Drifting: 64).
     mlp_ratio: MLP hidden width / hidden.
     freq_dim: sinusoidal width of the time/guidance embedders (DiT: 256).
     dtype: compute dtype 'float32' | 'bfloat16'; params stay float32, norms,
@@ -118,6 +122,7 @@ class DiT(nnx.Module):
                qk_norm: bool = False, modulation: str = 'adaln',
                init: str = 'dit', time_spectral_init: bool = False,
                pos_emb: str = 'sincos', guidance_embed: bool = False,
+               style_tokens: int = 0, style_vocab: int = 64,
                mlp_ratio: float = 4.0, freq_dim: int = 256,
                dtype: str = 'float32', rngs: nnx.Rngs):
     if len(shape) != 3:
@@ -170,11 +175,14 @@ class DiT(nnx.Module):
                 if pos_emb == 'learned' else None)
     self.g_embed = (TimeEmbed(dim, freq_dim, kernel_init=tinit, rngs=rngs)
                     if guidance_embed else None)
+    self.s_embed = (StyleEmbed(style_tokens, style_vocab, dim, rngs=rngs)
+                    if style_tokens else None)
 
   def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
                y: jax.Array | None = None,
-               g: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g): [B, H, W, C] -> [B, H, W, C] float32."""
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
     hh, ww, ch = self.shape
     if x.shape[1:] != self.shape:
       raise ValueError(f'dit was built for images {self.shape}, got input '
@@ -182,7 +190,7 @@ class DiT(nnx.Module):
     b, p = x.shape[0], self.p
     gh, gw = hh // p, ww // p
     f32 = layers.wide(x.dtype)  # float32 (float64 for float64 inputs).
-    c = embed_conditions(self, t, h, y, g, b).astype(f32)
+    c = embed_conditions(self, t, h, y, g, b, s).astype(f32)
     tokens = x.astype(f32).reshape(b, gh, p, gw, p, ch)
     tokens = tokens.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
     pos = (self.pos[...] if self.pos is not None

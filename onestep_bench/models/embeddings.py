@@ -61,14 +61,38 @@ class LabelEmbed(nnx.Module):
     return self.table(y)
 
 
+class StyleEmbed(nnx.Module):
+  """Σ_k E_k[s_k]: K separate V-entry tables, one per style index.
+
+  Drifting Models' "style" input (Deng et al. 2026, arXiv 2602.04770, App.
+  A.2; official `models/generator.py`: 32 tables of 64 entries, each index
+  drawn uniformly at sampling and training time): extra discrete noise that
+  enters through the conditioning vector instead of the pixels.
+  """
+
+  def __init__(self, tokens: int, vocab: int, out: int, *, rngs: nnx.Rngs):
+    self.tokens, self.vocab = tokens, vocab
+    self.table = nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (tokens, vocab, out), jnp.float32))
+
+  def __call__(self, s: jax.Array) -> jax.Array:
+    """Indices [B, K] int in [0, V) -> [B, out]."""
+    if s.ndim != 2 or s.shape[1] != self.tokens:
+      raise ValueError(f'style input must be [B, {self.tokens}] int indices, '
+                       f'got shape {s.shape}.')
+    rows = self.table[...][jnp.arange(self.tokens)[None, :], s]  # [B, K, out]
+    return jnp.sum(rows, axis=1)
+
+
 def embed_conditions(m: nnx.Module, t: jax.Array, h: jax.Array,
                      y: jax.Array | None, g: jax.Array | None,
-                     batch: int) -> jax.Array:
-  """The conditioning vector c = t_embed(t) + h_embed(h) [+ y] [+ g].
+                     batch: int, s: jax.Array | None = None) -> jax.Array:
+  """The conditioning vector c = t_embed(t) + h_embed(h) [+ y] [+ g] [+ s].
 
   `m` is a backbone with attributes `t_embed`, `h_embed` (`TimeEmbed`),
   `y_embed` (`LabelEmbed` or None when unconditional) and `g_embed`
-  (`TimeEmbed` on the guidance input, or None without `guidance_embed`).
+  (`TimeEmbed` on the guidance input, or None without `guidance_embed`) and
+  optionally `s_embed` (`StyleEmbed`, built with `style_tokens > 0`).
 
   Raises:
     ValueError: g given to a backbone built without a guidance embedder, or
@@ -88,4 +112,12 @@ def embed_conditions(m: nnx.Module, t: jax.Array, h: jax.Array,
           f'{type(m).__name__} was built with guidance_embed=True and needs '
           'the guidance input g ([B] float32), e.g. 1/w for TVM.')
     c = c + g_embed(g)
+  s_embed = getattr(m, 's_embed', None)
+  if (s is None) != (s_embed is None):
+    raise ValueError(
+        f'{type(m).__name__}: style input s and config.model.style_tokens '
+        'must come together (style_tokens > 0 builds the style tables; the '
+        'method must then pass s [B, style_tokens] int indices).')
+  if s_embed is not None:
+    c = c + s_embed(s)
   return c

@@ -8,6 +8,7 @@ from flax import nnx
 
 from onestep_bench.models.embeddings import (
     LabelEmbed,
+    StyleEmbed,
     TimeEmbed,
     embed_conditions,
 )
@@ -20,12 +21,14 @@ class MLP(nnx.Module):
   is added to the hidden state before every block (two separate time
   embedders, as MeanFlow/TVM use for t and the gap h). With
   `guidance_embed=True` a third `TimeEmbed` of the guidance input g is added
-  to c (built last, so the other parameters are unchanged by the option).
+  to c (built last, so the other parameters are unchanged by the option);
+  `style_tokens=K` adds a `StyleEmbed` of the style input s [B, K] likewise.
   """
 
   def __init__(self, dim: int, *, width: int = 256, depth: int = 3,
                num_classes: int = 0, freq_dim: int = 64,
-               guidance_embed: bool = False, rngs: nnx.Rngs):
+               guidance_embed: bool = False,
+               style_tokens: int = 0, style_vocab: int = 64, rngs: nnx.Rngs):
     self.inp = nnx.Linear(dim, width, rngs=rngs)
     self.t_embed = TimeEmbed(width, freq_dim, rngs=rngs)
     self.h_embed = TimeEmbed(width, freq_dim, rngs=rngs)
@@ -37,12 +40,15 @@ class MLP(nnx.Module):
                           rngs=rngs)
     self.g_embed = (TimeEmbed(width, freq_dim, rngs=rngs)
                     if guidance_embed else None)
+    self.s_embed = (StyleEmbed(style_tokens, style_vocab, width, rngs=rngs)
+                    if style_tokens else None)
 
   def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
                y: jax.Array | None = None,
-               g: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g): x [B, ...] -> x's shape, float32."""
-    c = embed_conditions(self, t, h, y, g, x.shape[0])
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s): x [B, ...] -> x's shape, float32."""
+    c = embed_conditions(self, t, h, y, g, x.shape[0], s)
     z = self.inp(x.reshape(x.shape[0], -1))
     for blk in self.blocks:
       z = z + blk(nnx.silu(z + c))

@@ -22,6 +22,7 @@ from flax import nnx
 from onestep_bench.models import layers
 from onestep_bench.models.embeddings import (
     LabelEmbed,
+    StyleEmbed,
     TimeEmbed,
     embed_conditions,
 )
@@ -125,6 +126,9 @@ class UNet(nnx.Module):
       of the width with >= 2 channels per group.
     freq_dim: sinusoidal width of the time/guidance embedders.
     guidance_embed: add a TimeEmbed of the guidance input g to c.
+    style_tokens: K > 0 adds `StyleEmbed` (K tables of style_vocab
+      entries) of the style input s [B, K] to c (Drifting App. A.2).
+    style_vocab: entries per style table (official Drifting: 64).
     rngs: nnx rngs.
   """
 
@@ -133,7 +137,8 @@ class UNet(nnx.Module):
                num_res_blocks: int = 2,
                attn_resolutions: tuple[int, ...] | None = None,
                num_heads: int = 4, norm_groups: int = 32, freq_dim: int = 128,
-               guidance_embed: bool = False, rngs: nnx.Rngs):
+               guidance_embed: bool = False,
+               style_tokens: int = 0, style_vocab: int = 64, rngs: nnx.Rngs):
     if len(shape) != 3:
       raise ValueError(f'unet needs image data of shape (H, W, C); got '
                        f'shape={tuple(shape)}.')
@@ -195,15 +200,18 @@ class UNet(nnx.Module):
     self.out = nnx.Conv(ch, cin, (3, 3), kernel_init=_ZERO, rngs=rngs)
     self.g_embed = (TimeEmbed(emb_dim, freq_dim, rngs=rngs)
                     if guidance_embed else None)
+    self.s_embed = (StyleEmbed(style_tokens, style_vocab, emb_dim, rngs=rngs)
+                    if style_tokens else None)
 
   def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
                y: jax.Array | None = None,
-               g: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g): [B, H, W, C] -> [B, H, W, C] float32."""
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
     if x.shape[1:] != self.shape:
       raise ValueError(f'unet was built for images {self.shape}, got input '
                        f'{x.shape[1:]}.')
-    emb = embed_conditions(self, t, h, y, g, x.shape[0])
+    emb = embed_conditions(self, t, h, y, g, x.shape[0], s)
     f32 = layers.wide(x.dtype)  # float32 (float64 for float64 inputs).
     z = self.inp(x.astype(f32))
     skips = [z]
