@@ -1,28 +1,32 @@
-"""Drifting ablations on toy 2D (paper A.6 / Table B3 analogues).
+"""Drifting ablations on images, unconditional (paper Tables 2-3, A.5-A.6).
 
-make sweep EXP=drifting_ablations SWEEP=temperatures
-make sweep EXP=drifting_ablations SWEEP=normalization
+Digits (8x8, the cheapest real image set) with the bench protocol's U-Net
+and budget; `ARGS=--smoke` for a dry run. Class-conditional / CFG sweeps are
+in drifting_cfg_ablations.py, toy-2D ones in drifting_toy_ablations.py.
+
+  make sweep EXP=drifting_ablations SWEEP=features        # pixels vs encoder
+  make sweep EXP=drifting_ablations SWEEP=temperatures
+  make sweep EXP=drifting_ablations SWEEP=group_size      # N_gen per group
 """
 
 from experiments.bench import get_config  # noqa: F401  (the protocol)
 
-BASE = 'method=drifting,dataset=toy2d:8gaussians'
+BASE = 'method=drifting,dataset=digits'
+
+
+def sweep_features():
+  """Feature set (paper §5.2 / A.5): raw pixels, encoder keys, both."""
+  for f in ('pixels', 'encoder', 'pixels+encoder'):
+    yield {'method.features': f}
 
 
 def sweep_temperatures():
-  """Single vs multiple kernel temperatures (official R_list)."""
+  """Single vs multiple kernel temperatures (paper A.6: multi-τ best)."""
   for temps in ((0.02,), (0.05,), (0.2,), (0.02, 0.05, 0.2)):
     yield {'method.temperatures': temps}
 
 
-def sweep_normalization():
-  """Feature / drift normalisation on-off (paper A.6)."""
-  for feat in (False, True):
-    for drift in (False, True):
-      yield {'method.feature_norm': feat, 'method.drift_norm': drift}
-
-
-def sweep_batch():
-  """Samples per step: the field is a finite-sample estimate."""
-  for b in (256, 512, 1024, 2048):
-    yield {'train.batch_size': b}
+def sweep_group_size():
+  """Generated samples per group at fixed positives (paper Table 2)."""
+  for n in (32, 64, 128, 256):
+    yield {'method.num_gen': n}

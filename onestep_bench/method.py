@@ -112,6 +112,10 @@ class Method:
   # G > 0: training batches come as G one-class blocks (labelled data only;
   # see `Dataset.sample(groups=...)`).
   class_groups: int = 0
+  # True when sampling costs more than `nfe` backbone passes (e.g. a head
+  # with its own inner steps); the evaluator reports the measured effective
+  # NFE either way, and the contract test then only requires >= nfe.
+  extra_sampling_flops: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
     self.config = config

@@ -231,3 +231,18 @@ def test_encoder_features_need_images():
   config.method.features = 'encoder'
   with pytest.raises(ValueError, match='needs image data'):
     load_method(config, data.build(config.data).spec)
+
+
+def test_images_encoder_features_unconditional(monkeypatch):
+  from onestep_bench import encoders  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(encoders.RECIPE, 'steps', 5)
+  config, ds, method = _image_method(**{'method.features': 'pixels+encoder'})
+  assert method.class_groups == 0
+  state, metrics = _two_steps(config, ds, method)
+  enc_keys = [k for k in metrics if k.startswith('field_rms/enc/')]
+  assert len(enc_keys) >= 5 and 'field_rms/global' in metrics
+  # The encoder is frozen: its params never change.
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                      state.extras['encoder'],
+                      jax.tree.map(jnp.asarray, method.encoder.params))
+  assert all(jax.tree.leaves(same))

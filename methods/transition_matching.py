@@ -1,0 +1,352 @@
+"""Difference Transition Matching (DTM): a backbone plus a per-token FM head.
+
+Shaul, Singer, Gat, Lipman 2025, "Transition Matching: Scalable and Flexible
+Generative Modeling", arXiv 2506.23589 (§2.2, Algs. 3-4, eq. 14, Thm. 1).
+Spec: specs/drifting_tm_fdistill.md §2 (no official code exists).
+
+Time convention (the paper's, used in all maths below): τ ∈ [0, 1], τ = 0 is
+noise and τ = 1 is data; T transitions visit τ_k = k / T. The harness's
+convention (flow_matching.py: t = 0 data, t = 1 noise) is kept for the
+*network inputs*: backbone and head are fed t = 1 - τ, so X_τ below is the
+same point as flow matching's z_t and the two methods' backbones see the
+same (z, t) pairs.
+
+Supervising process (dependent linear process, spec §2.3), X_0 ~ N(0, I),
+X_1 ~ data:
+  X_τ = (1 - τ) X_0 + τ X_1,   Y = X_1 - X_0,   X_{τ+Δ} = X_τ + Δ·Y.
+Y is fixed along a path, so one model serves every grid: with continuous
+training τ ~ U[0, 1) (spec §2.3 recommendation) sampling works at any T;
+with `train_T` > 0 the paper's discrete τ ∈ {0, 1/T, ..., (T-1)/T} is used
+and any T' dividing train_T visits only trained times.
+
+Kernel p_θ(Y | X_τ) = backbone + head: h = f_θ(X_τ, t) (one backbone NFE);
+X and Y are cut into n tokens (head_patch × head_patch × C pixel groups for
+images, the whole vector for toy data) and every token's Y^i is generated
+independently given h^i by a small flow-matching head g_θ(Y^i_s, s, t, h^i).
+Head training (conditional FM on Y | X_τ, one (s, Y_0) draw per token):
+  Y_s = (1 - s) Y_0 + s Y,   Y_0 ~ N(0, I),   s ~ U[0, 1],
+  L(θ) = E_{τ, X_0, X_1} (1/n) Σ_i E_{s, Y_0} ‖g_θ(Y^i_s, s, t, h^i)
+                                                - (Y^i - Y^i_0)‖²
+(MSE averaged over tokens and dims, spec §2.3). Sampling, T transitions:
+  for k = 0..T-1: h = f_θ(X_{τ_k}, 1 - τ_k); Y ~ N(0, I); N Euler steps
+  Y ← Y + g_θ(Y, j/N, t, h)/N, j = 0..N-1; X ← X + Y/T.
+Link to FM (eq. 14, Thm. 1): E[Y | X_τ] = E[X_1 - X_0 | z_t] = -v_FM(z_t, t),
+so the *mean* DTM step is FM's Euler step; with an exact head DTM samples
+exactly at any T (spec §2.9.1), and a 1-step Euler head gives back FM-Euler.
+
+Design (the shared backbones return an x-shaped output): the backbone is
+`models.build(config.model, spec')` with spec' = the data spec with
+`rep_dim` channels (per pixel for images, per vector for toy data); X_τ is
+zero-padded to rep_dim channels on input and the output is the
+representation h. The head is the MAR-style MLP of paper §2.5 (input
+Linear, AdaLN residual blocks, AdaLN final layer; condition = Linear(h^i)
++ t-embedding, computed once per transition, + s-embedding per head step).
+Params are {'backbone': ..., 'head': ...}, so the default train_step / EMA
+apply. `apply` (one backbone forward, X_τ -> h) is what the evaluator
+counts as one NFE; sampling FLOPs include every head step, so effective
+NFE = T·(1 + N·c_head/c_backbone) (+ the per-transition head context).
+`nfe` = T = backbone calls; N = `head_steps`.
+
+Classes (optional): labels are dropped to the null class with
+`class_dropout`; with guidance w ≠ 1 the conditional and null backbones run
+as one batched call per transition (FLOPs ×2) and the head velocity is
+guided, u = u_∅ + w (u_y - u_∅) (paper §2.5: CFG on the head velocity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from onestep_bench import method as base
+from onestep_bench import models
+from onestep_bench.models import layers
+from onestep_bench.models.embeddings import TimeEmbed
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """DTM defaults for toy 2D (paper T2I values in the comments)."""
+  return ml_collections.ConfigDict(dict(
+      # 0: continuous τ ~ U[0, 1) (spec §2.3 [I]: the paper samples DTM at
+      # 1-128 steps, Tabs. 10-11, so one model must serve every T); > 0:
+      # the paper's discrete grid τ = k/train_T (Alg. 3; T2I: 32).
+      train_T=0,
+      # Representation channels of the backbone output (per pixel for
+      # images, per sample for vectors); X_τ is zero-padded to this width.
+      # [I] toy: 32 (16x the data dim; the MLP's hidden width is 128).
+      rep_dim=32,
+      # Head token = head_patch x head_patch x C pixels (paper: 2x2x4 of a
+      # 32x32x4 latent, §2.3); vectors are always one token (the sample).
+      head_patch=1,
+      # MAR-style head (paper §2.5: 6 blocks of width 1024, ~2% of the
+      # backbone's params, c_head/c_backbone ≈ 0.04, spec §2.6). [I] toy:
+      # 2 blocks of width 32, c_head/c_backbone ≈ 0.13 (the toy backbone is
+      # tiny). Width 64 is better at T = 1-2 but 4x the head cost
+      # (8gaussians energy distance T=1/2/4, 8 head steps: w32 0.017 /
+      # 0.0020 / 0.0016 at effective NFE 2.0/4.1/8.2; w64 0.0059 / 0.00006
+      # / 0.0007 at 5.1/10.2/20.4).
+      head_width=32,
+      head_depth=2,
+      head_freq_dim=32,  # sinusoidal width of the s/t embedders (as model)
+      # Euler steps of the head per transition (paper main tables: 64;
+      # quality saturates at 4 for T=16, Tab. 10; 1 head step = FM-Euler).
+      # [I] toy: 8 (w32, T=1/2: 4 steps 0.028 / 0.0037, 8 steps 0.017 /
+      # 0.0020, 16 steps 0.014 / 0.0015).
+      head_steps=8,
+      # (s, Y_0) draws per token per backbone pass (paper: 1; MAR uses 4).
+      head_batch_mul=1,
+      # Label dropout to the null class (spec §2.8: 0.1-0.15; paper 0.15).
+      class_dropout=0.1,
+  ))
+
+
+# Image overrides of `get_config` (digits / Fashion-MNIST with the small
+# U-Net of experiments/bench.py). [I], untuned (no image run yet): 2x2 head
+# tokens as the paper; 8 representation channels per pixel (32 per token;
+# the zero-padded input / wider output convs add 3% to the U-Net's FLOPs);
+# a 2 x 48 head, c_head/c_backbone ≈ 0.11, so 8 head steps make the
+# effective NFE ≈ 1.9 T.
+IMAGE_PRESET = dict(rep_dim=8, head_patch=2, head_width=48, head_depth=2,
+                    head_steps=8)
+
+
+# ------------------------------------------------------------------- head
+class _HeadBlock(nnx.Module):
+  """MAR ResBlock: LN -> modulate -> Linear -> SiLU -> Linear, gated."""
+
+  def __init__(self, width: int, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(width, width, rngs=rngs)
+    self.fc2 = nnx.Linear(width, width, rngs=rngs)
+    self.adaln = layers.AdaLN(width, width, 3, rngs=rngs)  # zero-init
+
+  def __call__(self, z: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale, gate = self.adaln(c)
+    h = layers.layer_norm(z) * (1 + scale) + shift
+    return z + gate * self.fc2(nnx.silu(self.fc1(h)))
+
+
+class Head(nnx.Module):
+  """Per-token velocity g(Y_s, s, t, h): tokens [..., n, d] -> [..., n, d].
+
+  Every token is processed independently (only Linear / per-token norms
+  over the last axis), so no information crosses tokens (spec §2.3).
+  """
+
+  def __init__(self, token_dim: int, cond_dim: int, *, width: int, depth: int,
+               freq_dim: int, rngs: nnx.Rngs):
+    self.depth = depth
+    self.inp = nnx.Linear(token_dim, width, rngs=rngs)
+    self.cond = nnx.Linear(cond_dim, width, rngs=rngs)
+    self.t_embed = TimeEmbed(width, freq_dim, rngs=rngs)
+    self.s_embed = TimeEmbed(width, freq_dim, rngs=rngs)
+    for i in range(depth):  # named attributes: plain str-keyed params
+      setattr(self, f'block{i}', _HeadBlock(width, rngs=rngs))
+    self.final_adaln = layers.AdaLN(width, width, 2, rngs=rngs)
+    self.out = nnx.Linear(width, token_dim,
+                          kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def context(self, rep: jax.Array, t: jax.Array) -> jax.Array:
+    """Per-transition condition: rep [B, n, r], t [B] -> [B, n, w]."""
+    return self.cond(rep) + self.t_embed(t)[:, None]
+
+  def velocity(self, ctx: jax.Array, y: jax.Array, s: jax.Array) -> jax.Array:
+    """Velocity: ctx [B, n, w], y [B, n, d], s ~ [B, n] -> [B, n, d]."""
+    s = jnp.asarray(s, jnp.float32)
+    c = ctx + self.s_embed(s.reshape(-1)).reshape(*s.shape, -1)
+    z = self.inp(y)
+    for i in range(self.depth):
+      z = getattr(self, f'block{i}')(z, c)
+    shift, scale = self.final_adaln(c)
+    return self.out(layers.layer_norm(z) * (1 + scale) + shift)
+
+
+class _Functional:
+  """init(key) -> params dict; context/velocity(params, ...) pure in params."""
+
+  def __init__(self, ctor: Callable[[nnx.Rngs], nnx.Module]):
+    self._ctor = ctor
+    abstract = nnx.eval_shape(lambda: ctor(nnx.Rngs(0)))
+    self._graphdef, self._abstract = nnx.split(abstract)
+
+  def init(self, key: jax.Array) -> dict[str, Any]:
+    return nnx.to_pure_dict(nnx.split(self._ctor(nnx.Rngs(key)))[1])
+
+  def _bind(self, params: dict[str, Any]) -> nnx.Module:
+    state = jax.tree.map(lambda a: a, self._abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self._graphdef, state)
+
+  def context(self, params, rep, t):
+    return self._bind(params).context(rep, t)
+
+  def velocity(self, params, ctx, y, s):
+    return self._bind(params).velocity(ctx, y, s)
+
+
+# ------------------------------------------------------------- the method
+def divisors(n: int) -> tuple[int, ...]:
+  """Positive divisors of n: the T a discrete-τ model samples exactly."""
+  return tuple(k for k in range(1, n + 1) if n % k == 0)
+
+
+class Method(base.Method):
+  """DTM: T backbone passes, each followed by `head_steps` head Euler steps."""
+
+  supported_nfe = base.AnyNFE()  # continuous τ; see __init__ for train_T
+  # The head's inner steps cost FLOPs on top of the T backbone passes: the
+  # evaluator's effective NFE is T·(1 + N·c_head/c_backbone) > T.
+  extra_sampling_flops = True
+
+  def __init__(self, config: ml_collections.ConfigDict, spec):
+    super().__init__(config, spec)
+    c = self.mcfg
+    shape = tuple(spec.shape)
+    if len(shape) not in (1, 3):
+      raise ValueError(f'transition_matching handles vectors [D] or images '
+                       f'[H, W, C]; got data shape {shape}.')
+    self.chan = shape[-1]
+    if c.rep_dim < self.chan:
+      raise ValueError(f'method.rep_dim={c.rep_dim} must be >= the data '
+                       f'channels ({self.chan}): X_τ is zero-padded to it.')
+    p = c.head_patch
+    if len(shape) == 1 and p != 1:
+      raise ValueError('method.head_patch must be 1 for vector data (one '
+                       'token = the whole sample).')
+    if len(shape) == 3 and (shape[0] % p or shape[1] % p):
+      raise ValueError(f'method.head_patch={p} must divide the image size '
+                       f'{shape[:2]}.')
+    if c.train_T < 0 or c.head_steps < 1 or c.head_batch_mul < 1:
+      raise ValueError('method.train_T must be >= 0, head_steps and '
+                       'head_batch_mul >= 1.')
+    if c.train_T:
+      self.supported_nfe = divisors(c.train_T)
+    # The backbone emits rep_dim channels instead of the data's.
+    rep_spec = dataclasses.replace(spec, shape=(*shape[:-1], c.rep_dim))
+    self.net = models.build(config.model, rep_spec)
+    area = 1 if len(shape) == 1 else p * p
+    self.head = _Functional(lambda rngs: Head(
+        area * self.chan, area * c.rep_dim, width=c.head_width,
+        depth=c.head_depth, freq_dim=c.head_freq_dim, rngs=rngs))
+
+  # --------------------------------------------------------------- tokens
+  def to_tokens(self, a: jax.Array) -> jax.Array:
+    """[B, D] -> [B, 1, D]; [B, H, W, C] -> [B, (H/p)(W/p), p·p·C]."""
+    if a.ndim == 2:
+      return a[:, None]
+    b, hh, ww, ch = a.shape
+    p = self.mcfg.head_patch
+    a = a.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    return a.reshape(b, (hh // p) * (ww // p), p * p * ch)
+
+  def from_tokens(self, tok: jax.Array) -> jax.Array:
+    """Inverse of `to_tokens` for data-shaped ([B, *spec.shape]) arrays."""
+    b = tok.shape[0]
+    if len(self.spec.shape) == 1:
+      return tok[:, 0]
+    hh, ww, ch = self.spec.shape
+    p = self.mcfg.head_patch
+    a = tok.reshape(b, hh // p, ww // p, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    return a.reshape(b, hh, ww, ch)
+
+  # ---------------------------------------------------------------- model
+  def init(self, key: jax.Array, example_batch: base.Batch) -> base.TrainState:
+    """Params {'backbone', 'head'}, optimizer state, EMA = params."""
+    del example_batch
+    kb, kh = jax.random.split(key)
+    params = {'backbone': self.net.init(kb), 'head': self.head.init(kh)}
+    return base.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=self.tx.init(params), ema_params=params,
+        extras=self.init_extras(key, params))
+
+  def apply(self, params, x, t, h=None, y=None, g=None):
+    """One backbone forward: X [B, *shape] -> representation [B, ..., rep].
+
+    `params` is the full {'backbone', 'head'} dict; this is the pass the
+    evaluator counts as one NFE (`runner.backbone_flops`).
+    """
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, self.mcfg.rep_dim - self.chan)]
+    return super().apply(params['backbone'], jnp.pad(x, pad), t, h, y, g)
+
+  def kernel_context(self, params, xt: jax.Array, tau: jax.Array,
+                     labels: jax.Array | None) -> Any:
+    """Backbone once + the head's per-transition condition, [B, n, w]."""
+    t = jnp.broadcast_to(1.0 - jnp.asarray(tau, jnp.float32), xt.shape[:1])
+    rep = self.apply(params, xt, t, 0.0, labels)
+    return self.head.context(params['head'], self.to_tokens(rep), t)
+
+  def supervising_pair(self, x1: jax.Array, x0: jax.Array, tau: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """(X_τ, Y) = ((1 - τ) X_0 + τ X_1, X_1 - X_0); τ [B]."""
+    tb = tau.reshape(tau.shape + (1,) * (x1.ndim - 1))
+    return (1 - tb) * x0 + tb * x1, x1 - x0
+
+  def sample_tau(self, key: jax.Array, n: int) -> jax.Array:
+    """τ ~ U[0, 1) or uniform on {0, 1/T, ..., (T-1)/T}; [n] float32."""
+    if self.mcfg.train_T:
+      k = jax.random.randint(key, (n,), 0, self.mcfg.train_T)
+      return k.astype(jnp.float32) / self.mcfg.train_T
+    return jax.random.uniform(key, (n,))
+
+  def loss(self, params, batch, key, state):
+    """Head FM loss at one τ per example, one (s, Y_0) per token (§2.3)."""
+    del state
+    x1, labels = batch['x'], batch.get('y')
+    kt, k0, ks, ky, kd = jax.random.split(key, 5)
+    tau = self.sample_tau(kt, x1.shape[0])
+    xt, y = self.supervising_pair(x1, jax.random.normal(k0, x1.shape), tau)
+    if labels is not None and self.spec.num_classes:
+      drop = jax.random.bernoulli(kd, self.mcfg.class_dropout, labels.shape)
+      labels = jnp.where(drop, self.spec.num_classes, labels)
+    ctx = self.kernel_context(params, xt, tau, labels)
+    ytok = self.to_tokens(y)
+    mul = self.mcfg.head_batch_mul
+    if mul > 1:  # more head draws per backbone pass (MAR's batch_mul)
+      ytok, ctx = jnp.tile(ytok, (1, mul, 1)), jnp.tile(ctx, (1, mul, 1))
+    s = jax.random.uniform(ks, ytok.shape[:2])
+    y0 = jax.random.normal(ky, ytok.shape)
+    ys = (1 - s[..., None]) * y0 + s[..., None] * ytok
+    u = self.head.velocity(params['head'], ctx, ys, s)
+    return jnp.mean(jnp.square(u - (ytok - y0))), {}
+
+  # ------------------------------------------------------------- sampling
+  def sample(self, params, key, n, *, nfe, labels=None, guidance=None):
+    """T = nfe transitions (T backbone calls), `head_steps` head steps each."""
+    self.check_nfe(nfe)
+    big_t, big_n = nfe, self.mcfg.head_steps
+    guided = (labels is not None and guidance is not None
+              and guidance != 1.0 and self.spec.num_classes > 0)
+    k0, kh = jax.random.split(key)
+    x = self.noise(k0, n)
+    if guided:  # one batched backbone call: [conditional; null]
+      labels = jnp.concatenate(
+          [labels, jnp.full_like(labels, self.spec.num_classes)])
+
+    def velocity(ctx, y, s):
+      if not guided:
+        return self.head.velocity(params['head'], ctx, y, s)
+      u_c, u_u = jnp.split(self.head.velocity(
+          params['head'], ctx, jnp.concatenate([y, y]), s), 2)
+      return u_u + guidance * (u_c - u_u)
+
+    def transition(x, k):
+      tau = k.astype(jnp.float32) / big_t
+      xin = jnp.concatenate([x, x]) if guided else x
+      ctx = self.kernel_context(params, xin, tau, labels)
+      y = jax.random.normal(jax.random.fold_in(kh, k),
+                            self.to_tokens(x).shape)
+
+      def head_step(y, j):  # s shared by all tokens: embedded once, [1, 1]
+        s = jnp.reshape(j.astype(jnp.float32) / big_n, (1, 1))
+        return y + velocity(ctx, y, s) / big_n, None
+
+      y = jax.lax.scan(head_step, y, jnp.arange(big_n))[0]
+      return x + self.from_tokens(y) / big_t, None
+
+    return jax.lax.scan(transition, x, jnp.arange(big_t))[0]
