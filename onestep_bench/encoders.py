@@ -19,7 +19,10 @@ ReLU; stages of basic blocks (two 3×3 convs with GN, ReLU; a 1×1 conv + GN
 shortcut when the shape changes) with widths [C, 2C, 4C, ...], stride 2 in
 the first block of every stage after the first (SAME padding, so 7×7 → 4×4);
 GroupNorm on every stage output. GN groups: the largest divisor of the
-channel count ≤ `max_groups` (32). The pre-training decoder is a small
+channel count ≤ `max_groups` (32) that leaves ≥ `min_group_channels` (8,
+the paper's 256 / 32) channels per group: at our widths (16-64) plain
+"≤ 32" would make GN an InstanceNorm and the stage outputs' global mean /
+std features constants (`num_groups`). The pre-training decoder is a small
 U-Net: a bridge conv on the last stage, then per skip (deepest first) a
 bilinear resize to the skip's size, concat, GN, [3×3 conv + GN + ReLU] ×
 `decoder_convs`, and a final 1×1 conv to the input channels.
@@ -52,6 +55,8 @@ is the drift method's, not the encoder's.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -82,7 +87,9 @@ CODE_VERSION = 1
 RECIPE: dict[str, Any] = dict(
     width=16,             # C: stage widths [C, 2C, 4C, ...]
     blocks=(1, 1, 1),     # basic blocks per stage
-    max_groups=32,        # GroupNorm groups: largest divisor ≤ this
+    max_groups=32,        # GroupNorm groups: largest divisor ≤ this ...
+    min_group_channels=8,  # ... leaving ≥ 8 channels per group (paper's
+                           # 256 / 32); 1 would make GN InstanceNorm at C ≤ 32
     decoder_convs=1,      # 3×3 conv + GN + ReLU per decoder up-block
     patch='auto',         # masked patch size p
     mask_prob=0.5,        # each p×p patch is zeroed with this probability
@@ -101,17 +108,41 @@ RECIPE: dict[str, Any] = dict(
 EPS = 1e-6  # std = sqrt(var + EPS); norm_x = sqrt(mean x² + EPS) (§1.5)
 POOLS = (2, 4)
 EVAL_BATCH = 500
-PROBE_TRAIN, PROBE_TEST = 10000, 2000  # kNN sanity probe subset sizes
+PROBE_TRAIN, PROBE_TEST = 5000, 1000  # kNN sanity probe subset sizes
+BASELINE_IMAGES = 4 * EVAL_BATCH  # images for the init / zero-fill baselines
 
 
 class CacheError(RuntimeError):
   """A cached encoder file is unreadable, incomplete or fails its checksum."""
 
 
-def num_groups(channels: int, max_groups: int = 32) -> int:
-  """Largest divisor of `channels` that is ≤ `max_groups` (§1.5)."""
-  return max(g for g in range(1, min(channels, max_groups) + 1)
-             if channels % g == 0)
+def num_groups(channels: int, max_groups: int = 32,
+               min_channels: int = 1) -> int:
+  """Largest divisor of C = `channels` ≤ `max_groups` and ≤ C / min_channels.
+
+  §1.5: the largest divisor ≤ 32 (`min_channels` = 1).
+
+  `min_channels` keeps at least that many channels per group (at least one
+  group). With one channel per group GroupNorm is InstanceNorm: every
+  channel's spatial mean and std after it are its bias and scale, so the
+  global `mean` / `std` features of a stage output would be constants. The
+  paper's C = 256 with 32 groups has 8 channels per group.
+  """
+  limit = max(1, min(channels, max_groups, channels // max(min_channels, 1)))
+  return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRule:
+  """GroupNorm group count for a channel count (see `num_groups`)."""
+
+  max_groups: int = 32
+  min_channels: int = 1
+
+  def norm(self, channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """A GroupNorm over `channels` with this rule's group count."""
+    return nnx.GroupNorm(channels, num_groups(channels, self.max_groups,
+                                              self.min_channels), rngs=rngs)
 
 
 # ------------------------------------------------------------------ modules
@@ -119,27 +150,29 @@ class ConvGN(nnx.Module):
   """k×k conv (no bias) followed by GroupNorm; the caller applies ReLU."""
 
   def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1,
-               max_groups: int = 32, rngs: nnx.Rngs):
+               groups: GroupRule = GroupRule(), rngs: nnx.Rngs):
     self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
                          padding='SAME', use_bias=False, rngs=rngs)
-    self.norm = nnx.GroupNorm(cout, num_groups(cout, max_groups), rngs=rngs)
+    self.norm = groups.norm(cout, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, cin] -> [B, H / stride, W / stride, cout] (SAME)."""
     return self.norm(self.conv(x))
 
 
 class BasicBlock(nnx.Module):
   """ReLU(GN(conv(ReLU(GN(conv(x))))) + shortcut(x)); 1×1+GN on a change."""
 
-  def __init__(self, cin: int, cout: int, *, stride: int, max_groups: int,
+  def __init__(self, cin: int, cout: int, *, stride: int, groups: GroupRule,
                rngs: nnx.Rngs):
-    self.conv1 = ConvGN(cin, cout, 3, stride=stride, max_groups=max_groups,
+    self.conv1 = ConvGN(cin, cout, 3, stride=stride, groups=groups,
                         rngs=rngs)
-    self.conv2 = ConvGN(cout, cout, 3, max_groups=max_groups, rngs=rngs)
-    self.proj = (ConvGN(cin, cout, 1, stride=stride, max_groups=max_groups,
+    self.conv2 = ConvGN(cout, cout, 3, groups=groups, rngs=rngs)
+    self.proj = (ConvGN(cin, cout, 1, stride=stride, groups=groups,
                         rngs=rngs) if stride != 1 or cin != cout else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, cin] -> [B, H / stride, W / stride, cout]."""
     h = self.conv2(nnx.relu(self.conv1(x)))
     return nnx.relu(h + (x if self.proj is None else self.proj(x)))
 
@@ -153,11 +186,11 @@ class ResNetEncoder(nnx.Module):
   """
 
   def __init__(self, in_channels: int, *, width: int = 16,
-               blocks: Sequence[int] = (1, 1, 1), max_groups: int = 32,
-               rngs: nnx.Rngs):
+               blocks: Sequence[int] = (1, 1, 1),
+               groups: GroupRule = GroupRule(), rngs: nnx.Rngs):
     self.blocks = tuple(int(b) for b in blocks)
     self.widths = tuple(width * 2**s for s in range(len(self.blocks)))
-    self.stem = ConvGN(in_channels, width, 3, max_groups=max_groups,
+    self.stem = ConvGN(in_channels, width, 3, groups=groups,
                        rngs=rngs)
     stages, norms = [], []
     cin = width
@@ -166,11 +199,10 @@ class ResNetEncoder(nnx.Module):
       for b in range(n):
         stride = 2 if s > 0 and b == 0 else 1
         stage.append(BasicBlock(cin, cout, stride=stride,
-                                max_groups=max_groups, rngs=rngs))
+                                groups=groups, rngs=rngs))
         cin = cout
       stages.append(nnx.List(stage))
-      norms.append(nnx.GroupNorm(cout, num_groups(cout, max_groups),
-                                 rngs=rngs))
+      norms.append(groups.norm(cout, rngs))
     self.stages = nnx.List(stages)
     self.stage_norms = nnx.List(norms)
 
@@ -199,14 +231,15 @@ class UNetDecoder(nnx.Module):
   """
 
   def __init__(self, skip_channels: Sequence[int], out_channels: int, *,
-               convs: int = 1, max_groups: int = 32, rngs: nnx.Rngs):
+               convs: int = 1, groups: GroupRule = GroupRule(),
+               rngs: nnx.Rngs):
     deep = skip_channels[-1]
-    self.bridge = ConvGN(deep, deep, 3, max_groups=max_groups, rngs=rngs)
+    self.bridge = ConvGN(deep, deep, 3, groups=groups, rngs=rngs)
     ups, cin = [], deep
     for c in reversed(skip_channels[:-1]):
       cat = cin + c
-      layers = [nnx.GroupNorm(cat, num_groups(cat, max_groups), rngs=rngs)]
-      layers += [ConvGN(cat if i == 0 else c, c, 3, max_groups=max_groups,
+      layers = [groups.norm(cat, rngs)]
+      layers += [ConvGN(cat if i == 0 else c, c, 3, groups=groups,
                         rngs=rngs) for i in range(convs)]
       ups.append(nnx.List(layers))
       cin = c
@@ -247,8 +280,30 @@ class _Functional:
     self._graphdef, self._abstract = nnx.split(
         nnx.eval_shape(lambda: ctor(nnx.Rngs(0))))
 
-  def init(self, key: jax.Array | int) -> dict[str, Any]:
-    return _str_keys(nnx.to_pure_dict(nnx.split(self._ctor(nnx.Rngs(key)))[1]))
+  def init(self, seed: int, stream: int = 0) -> dict[str, Any]:
+    """Fresh parameters (nested dict of float32 arrays, str keys), in numpy.
+
+    Kernels ~ N(0, 1 / fan_in) (LeCun normal, untruncated), biases 0,
+    GroupNorm scales 1; drawn leaf by leaf in sorted-path order from
+    numpy's PCG64 seeded with (seed, stream). numpy instead of the nnx
+    initializers: XLA:CPU spends seconds compiling threefry draws, and
+    numpy's stream is the same on every platform.
+    """
+    rng = np.random.default_rng([int(seed), int(stream)])
+
+    def draw(path, a):
+      name = str(getattr(path[-1], 'key', path[-1]))
+      if name == 'kernel':
+        fan_in = math.prod(a.shape[:-1])
+        return jnp.asarray(rng.standard_normal(a.shape, np.float32)
+                           / np.float32(math.sqrt(fan_in)))
+      if name == 'scale':
+        return jnp.ones(a.shape, a.dtype)
+      if name == 'bias':
+        return jnp.zeros(a.shape, a.dtype)
+      raise ValueError(f'No initializer for parameter {name!r}.')
+
+    return jax.tree_util.tree_map_with_path(draw, self.abstract())
 
   def abstract(self) -> dict[str, Any]:
     """The params tree of ShapeDtypeStructs (str keys)."""
@@ -260,11 +315,17 @@ class _Functional:
     return nnx.merge(self._graphdef, state)(*args, **kwargs)
 
 
+def group_rule(recipe: dict[str, Any]) -> GroupRule:
+  """The recipe's GroupNorm rule (max_groups, min_group_channels)."""
+  return GroupRule(int(recipe['max_groups']),
+                   int(recipe['min_group_channels']))
+
+
 def encoder_fn(in_channels: int, width: int, blocks: Sequence[int],
-               max_groups: int = 32) -> _Functional:
+               groups: GroupRule = GroupRule()) -> _Functional:
   """The functional `ResNetEncoder`."""
   return _Functional(lambda rngs: ResNetEncoder(
-      in_channels, width=width, blocks=tuple(blocks), max_groups=max_groups,
+      in_channels, width=width, blocks=tuple(blocks), groups=groups,
       rngs=rngs))
 
 
@@ -329,7 +390,7 @@ class FrozenEncoder:
     self.max_locations = int(max_locations)
     self.block_features = bool(block_features)
     self._net = encoder_fn(self.shape[-1], r['width'], r['blocks'],
-                           r['max_groups'])
+                           group_rule(r))
 
   def activations(self, params: dict[str, Any], x: jax.Array
                   ) -> dict[str, jax.Array]:
@@ -348,6 +409,7 @@ class FrozenEncoder:
                         max_locations=self.max_locations)
 
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    """`features` with the frozen `params`."""
     return self.features(self.params, x)
 
   def feature_shapes(self, shape: Sequence[int] | None = None
@@ -418,22 +480,34 @@ def _shift(key: jax.Array, x: jax.Array, pad: int) -> jax.Array:
 
 
 class MAE:
-  """Encoder + decoder of the masked-AE pre-training, as pure functions."""
+  """Encoder + decoder of the masked-AE pre-training, as pure functions.
+
+  Hashable by (shape, recipe), so the module-level jitted train / eval
+  steps, which take it as a static argument, compile once per recipe (a
+  retrain of a damaged cache file reuses the compiled step).
+  """
 
   def __init__(self, shape: Sequence[int], recipe: dict[str, Any]):
     r = recipe
     self.recipe = r
+    self._id = (tuple(shape), json.dumps(r, sort_keys=True))
     c = shape[-1]
-    self.encoder = encoder_fn(c, r['width'], r['blocks'], r['max_groups'])
+    self.encoder = encoder_fn(c, r['width'], r['blocks'], group_rule(r))
     widths = [r['width']] + [r['width'] * 2**s for s in range(len(r['blocks']))]
     self.decoder = _Functional(lambda rngs: UNetDecoder(
-        widths, c, convs=r['decoder_convs'], max_groups=r['max_groups'],
+        widths, c, convs=r['decoder_convs'], groups=group_rule(r),
         rngs=rngs))
 
-  def init(self, key: jax.Array) -> dict[str, Any]:
-    k_enc, k_dec = jax.random.split(key)
-    return {'encoder': self.encoder.init(k_enc),
-            'decoder': self.decoder.init(k_dec)}
+  def __hash__(self) -> int:
+    return hash(self._id)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, MAE) and other._id == self._id
+
+  def init(self, seed: int) -> dict[str, Any]:
+    """{'encoder': ..., 'decoder': ...} fresh parameters (numpy draws)."""
+    return {'encoder': self.encoder.init(seed, 0),
+            'decoder': self.decoder.init(seed, 1)}
 
   def reconstruct(self, params: dict[str, Any], encoder_params: dict[str, Any],
                   x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -456,8 +530,43 @@ class MAE:
     return jnp.sum(se) / jnp.maximum(jnp.sum(n), 1.0)
 
 
-def _model_input(dataset: ImageArrays, x: jax.Array) -> jax.Array:
-  return to_float(x) if x.dtype == jnp.uint8 else x * dataset.scale
+def _optimizer(r: dict[str, Any]) -> optax.GradientTransformation:
+  """AdamW (β1, β2, wd from the recipe), linear warmup then constant lr."""
+  warmup = max(int(r['warmup']), 1)
+  sched = optax.join_schedules(
+      [optax.linear_schedule(0.0, r['lr'], warmup),
+       optax.constant_schedule(r['lr'])], [warmup])
+  return optax.adamw(sched, b1=r['b1'], b2=r['b2'],
+                     weight_decay=r['weight_decay'])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_step(mae: MAE, scale: float, params, opt, ema, i: jax.Array,
+                x_tr: jax.Array, key: jax.Array):
+  """One AdamW step of the masked-AE loss + the encoder EMA update."""
+  r = mae.recipe
+  k_idx, k_flip, k_shift, k_mask = jax.random.split(
+      jax.random.fold_in(key, i), 4)
+  idx = jax.random.randint(k_idx, (r['batch'],), 0, x_tr.shape[0])
+  x = _to_input(x_tr[idx], scale)
+  if r['hflip']:
+    flip = jax.random.bernoulli(k_flip, 0.5, (r['batch'], 1, 1, 1))
+    x = jnp.where(flip, x[:, :, ::-1], x)
+  x = _shift(k_shift, x, r['shift'])
+  mask = patch_mask(k_mask, x.shape, r['patch'], r['mask_prob'])
+  loss, grads = jax.value_and_grad(mae.loss)(params, x, mask)
+  updates, opt = _optimizer(r).update(grads, opt, params)
+  params = optax.apply_updates(params, updates)
+  t = i.astype(jnp.float32)
+  d = jnp.minimum(r['ema'], (1.0 + t) / (10.0 + t))
+  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema,
+                     params['encoder'])
+  return params, opt, ema, loss
+
+
+def _to_input(x: jax.Array, scale: float = 1.0) -> jax.Array:
+  """uint8 pixels -> [-1, 1]; float latents -> x * scale (as ImageArrays)."""
+  return to_float(x) if x.dtype == jnp.uint8 else x * scale
 
 
 def _batched(fn: Callable[[jax.Array, jax.Array], Any], images: np.ndarray,
@@ -481,30 +590,73 @@ def _eval_split(dataset: ImageArrays) -> str | None:
   return None
 
 
-def masked_mse(mae: MAE, params, encoder_params, dataset: ImageArrays,
-               images: np.ndarray, seed: int = 1234) -> float:
-  """Masked-pixel MSE on `images` with fixed-seed masks (recipe's p, prob)."""
-  r = mae.recipe
-  key = jax.random.key(seed)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _eval_errors(mae: MAE, scale: float, zero_fill: bool, params,
+                 encoder_params, chunk: jax.Array, key: jax.Array):
+  x = _to_input(chunk, scale)
+  mask = patch_mask(key, x.shape, mae.recipe['patch'], mae.recipe['mask_prob'])
+  if zero_fill:  # the baseline that predicts 0 (mid-gray) everywhere
+    return (jnp.sum(jnp.square(x) * mask, (1, 2, 3)),
+            jnp.sum(jnp.broadcast_to(mask, x.shape), (1, 2, 3)))
+  return mae.masked_errors(params, encoder_params, x, mask)
 
-  @jax.jit
-  def fn(chunk, j):
-    x = _model_input(dataset, chunk)
-    mask = patch_mask(jax.random.fold_in(key, j), x.shape, r['patch'],
-                      r['mask_prob'])
-    return mae.masked_errors(params, encoder_params, x, mask)
 
-  se, n = _batched(fn, images)
+def masked_mse(mae: MAE, params, encoder_params, images: np.ndarray, *,
+               scale: float = 1.0, seed: int = 1234,
+               zero_fill: bool = False) -> float:
+  """Masked-pixel MSE on `images` with fixed-seed masks (recipe's p, prob).
+
+  The masks depend only on `seed` and the image order, so numbers for
+  different params (or `zero_fill`, which ignores them) are paired.
+  """
+  se, n = masked_errors(mae, params, encoder_params, images, scale=scale,
+                        seed=seed, zero_fill=zero_fill)
   return float(se.sum() / max(n.sum(), 1.0))
 
 
-def knn_accuracy(enc: _Functional, encoder_params, dataset: ImageArrays,
-                 k: int = 10) -> float | None:
-  """Cosine kNN accuracy (train subset -> eval split) on stage-mean features.
+def masked_errors(mae: MAE, params, encoder_params, images: np.ndarray, *,
+                  scale: float = 1.0, seed: int = 1234,
+                  zero_fill: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Per image (masked squared-error sum, masked pixel count), numpy."""
+  key = jax.random.key(seed)
+  se, n = _batched(lambda c, j: _eval_errors(
+      mae, scale, zero_fill, params, encoder_params, c,
+      jax.random.fold_in(key, j)), images)
+  return se, n
 
-  A sanity measure of feature quality only: labels are used here and
-  nowhere in training. Features: the global mean of every stage output,
-  concatenated and standardized with train statistics.
+
+def _knn(ftr: np.ndarray, *, ytr: np.ndarray, fte: np.ndarray,
+         yte: np.ndarray, num_classes: int, k: int = 10) -> float:
+  """Cosine kNN accuracy after standardizing with train statistics."""
+  mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+  ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+  ftr /= np.linalg.norm(ftr, axis=1, keepdims=True) + 1e-12
+  fte /= np.linalg.norm(fte, axis=1, keepdims=True) + 1e-12
+  nn = np.argpartition(-(fte @ ftr.T), k, axis=1)[:, :k]
+  votes = np.apply_along_axis(
+      lambda r: np.bincount(r, minlength=num_classes), 1, ytr[nn])
+  return float(np.mean(votes.argmax(1) == yte))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _probe_features(mae: MAE, scale: float, encoder_params,
+                    chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+  acts = mae.encoder.apply(encoder_params, _to_input(chunk, scale),
+                           block_features=False)
+  stages = [a for name, a in acts.items() if name.startswith('stage')]
+  return (jnp.concatenate([a.mean((1, 2)) for a in stages], -1),
+          stages[-1].reshape(chunk.shape[0], -1))
+
+
+def knn_probe(mae: MAE, encoder_params: Sequence[dict[str, Any]],
+              dataset: ImageArrays, k: int = 10
+              ) -> list[dict[str, float]] | None:
+  """Cosine k-NN accuracies (train subset -> eval split): a sanity measure.
+
+  Labels are used here and nowhere in training. Two probes per entry of
+  `encoder_params`: 'gap', the global means of every stage output
+  concatenated; 'last', the last stage output flattened over locations.
+  A final entry {'pixels': ...} is the raw-pixel baseline.
   """
   split = _eval_split(dataset)
   if split is None or not dataset.label_classes:
@@ -514,26 +666,18 @@ def knn_accuracy(enc: _Functional, encoder_params, dataset: ImageArrays,
   xte, yte = dataset.split_images(split)
   itr = rng.permutation(len(xtr))[:PROBE_TRAIN]
   ite = rng.permutation(len(xte))[:PROBE_TEST]
+  ytr, yte = ytr[itr], yte[ite]
+  knn = functools.partial(_knn, ytr=ytr, yte=yte,
+                          num_classes=dataset.label_classes, k=k)
 
-  @jax.jit
-  def fn(chunk, j):
-    del j
-    acts = enc.apply(encoder_params, _model_input(dataset, chunk),
-                     block_features=False)
-    return (jnp.concatenate([a.mean((1, 2)) for n, a in acts.items()
-                             if n.startswith('stage')], -1),)
-
-  ftr, = _batched(fn, xtr[itr])
-  fte, = _batched(fn, xte[ite])
-  mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-  ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-  ftr /= np.linalg.norm(ftr, axis=1, keepdims=True) + 1e-12
-  fte /= np.linalg.norm(fte, axis=1, keepdims=True) + 1e-12
-  nn = np.argsort(-(fte @ ftr.T), axis=1)[:, :k]
-  votes = np.apply_along_axis(
-      lambda r: np.bincount(r, minlength=dataset.label_classes), 1,
-      ytr[itr][nn])
-  return float(np.mean(votes.argmax(1) == yte[ite]))
+  accs = []
+  for params in encoder_params:
+    fn = lambda c, j, p=params: _probe_features(mae, dataset.scale, p, c)
+    (gtr, ltr), (gte, lte) = _batched(fn, xtr[itr]), _batched(fn, xte[ite])
+    accs.append({'gap': knn(gtr, fte=gte), 'last': knn(ltr, fte=lte)})
+  flat = lambda a: np.asarray(a, np.float32).reshape(len(a), -1)
+  accs.append({'pixels': knn(flat(xtr[itr]), fte=flat(xte[ite]))})
+  return accs
 
 
 def train(dataset: ImageArrays, recipe: dict[str, Any]
@@ -547,44 +691,20 @@ def train(dataset: ImageArrays, recipe: dict[str, Any]
   r = recipe
   shape = dataset.spec.shape
   mae = MAE(shape, r)
-  key = jax.random.key(r['seed'])
-  k_init, k_data = jax.random.split(key)
-  params = mae.init(k_init)
+  k_data = jax.random.key(r['seed'])
+  params = mae.init(r['seed'])
   init_encoder = params['encoder']
-  sched = optax.join_schedules(
-      [optax.linear_schedule(0.0, r['lr'], max(r['warmup'], 1)),
-       optax.constant_schedule(r['lr'])], [max(r['warmup'], 1)])
-  tx = optax.adamw(sched, b1=r['b1'], b2=r['b2'],
-                   weight_decay=r['weight_decay'])
+  tx = _optimizer(r)
   x_tr = jnp.asarray(dataset.split_images(dataset.train_split)[0])
-
-  @jax.jit
-  def step(params, opt, ema, i):
-    k_idx, k_flip, k_shift, k_mask = jax.random.split(
-        jax.random.fold_in(k_data, i), 4)
-    idx = jax.random.randint(k_idx, (r['batch'],), 0, x_tr.shape[0])
-    x = _model_input(dataset, x_tr[idx])
-    if r['hflip']:
-      flip = jax.random.bernoulli(k_flip, 0.5, (r['batch'], 1, 1, 1))
-      x = jnp.where(flip, x[:, :, ::-1], x)
-    x = _shift(k_shift, x, r['shift'])
-    mask = patch_mask(k_mask, x.shape, r['patch'], r['mask_prob'])
-    loss, grads = jax.value_and_grad(mae.loss)(params, x, mask)
-    updates, opt = tx.update(grads, opt, params)
-    params = optax.apply_updates(params, updates)
-    t = i.astype(jnp.float32)
-    d = jnp.minimum(r['ema'], (1.0 + t) / (10.0 + t))
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema,
-                       params['encoder'])
-    return params, opt, ema, loss
 
   logging.info('Training encoder (%s, %d steps; cached afterwards)',
                dataset.spec.name, r['steps'])
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   opt, ema = tx.init(params), init_encoder
   losses = []
   for i in range(r['steps']):
-    params, opt, ema, loss = step(params, opt, ema, jnp.int32(i))
+    params, opt, ema, loss = _train_step(
+        mae, dataset.scale, params, opt, ema, jnp.int32(i), x_tr, k_data)
     if (i + 1) % max(r['steps'] // 10, 1) == 0:
       losses.append(float(loss))
       logging.info('encoder step %d masked mse %.4f', i + 1, losses[-1])
@@ -592,24 +712,30 @@ def train(dataset: ImageArrays, recipe: dict[str, Any]
   info: dict[str, Any] = dict(
       dataset=dataset.spec.name, shape=list(shape), recipe=r,
       code_version=CODE_VERSION, train_seconds=time.perf_counter() - t0,
-      train_loss_curve=losses)
-  t1 = time.perf_counter()
+      train_cpu_seconds=time.process_time() - c0, train_loss_curve=losses)
+  t1, c1 = time.perf_counter(), time.process_time()
   split = _eval_split(dataset)
   if split is not None:
     xte = dataset.split_images(split)[0]
     info['eval_split'] = split
-    info['test_masked_mse'] = masked_mse(mae, params, ema, dataset, xte)
-    init = mae.init(k_init)
-    info['test_masked_mse_init'] = masked_mse(mae, init, init['encoder'],
-                                              dataset, xte)
-    zero = mae.init(k_init)
-    zero['decoder'] = jax.tree.map(jnp.zeros_like, zero['decoder'])
-    info['test_masked_mse_zero_fill'] = masked_mse(
-        mae, zero, zero['encoder'], dataset, xte)
-    info['knn_accuracy'] = knn_accuracy(mae.encoder, ema, dataset)
-    info['knn_accuracy_init'] = knn_accuracy(mae.encoder, init_encoder,
-                                             dataset)
+    se, n = masked_errors(mae, params, ema, xte, scale=dataset.scale)
+    info['test_masked_mse'] = float(se.sum() / n.sum())
+    # Baselines on the first BASELINE_IMAGES (the same masks, a multiple of
+    # EVAL_BATCH): the untrained net, and predicting 0 (mid-gray).
+    k = BASELINE_IMAGES
+    base = xte[:k]
+    info['test_masked_mse_subset'] = float(se[:k].sum() / n[:k].sum())
+    mse = functools.partial(masked_mse, mae, scale=dataset.scale)
+    init = mae.init(r['seed'])
+    info['test_masked_mse_init'] = mse(init, init['encoder'], base)
+    info['test_masked_mse_zero_fill'] = mse(init, init['encoder'], base,
+                                            zero_fill=True)
+    accs = knn_probe(mae, [ema, init_encoder], dataset)
+    if accs is not None:
+      info['knn_accuracy'], info['knn_accuracy_init'] = accs[0], accs[1]
+      info['knn_accuracy_pixels'] = accs[2]['pixels']
   info['eval_seconds'] = time.perf_counter() - t1
+  info['eval_cpu_seconds'] = time.process_time() - c1
   logging.info('encoder %s: %s', dataset.spec.name,
                {k: v for k, v in info.items() if k != 'recipe'})
   return ema, info
@@ -636,18 +762,18 @@ def _params_sha256(flat: dict[str, np.ndarray]) -> str:
 
 
 def save(path: str, params: dict[str, Any], info: dict[str, Any]) -> None:
-  """params as named plain arrays + metadata (JSON in the npz and beside)."""
+  """Writes params as named arrays + metadata (JSON in the npz and beside)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   flat = _flatten(params)
   info = dict(info, params_sha256=_params_sha256(flat))
   meta = json.dumps(info, sort_keys=True)
-  tmp = path + '.tmp.npz'
+  tmp = f'{path}.{os.getpid()}.tmp.npz'  # one per writer process
   np.savez(tmp, __meta__=np.frombuffer(meta.encode(), np.uint8), **flat)
   os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
   side = os.path.splitext(path)[0] + '.json'
-  with open(side + '.tmp', 'w') as f:
+  with open(f'{side}.{os.getpid()}.tmp', 'w') as f:
     f.write(json.dumps(info, sort_keys=True, indent=1))
-  os.replace(side + '.tmp', side)
+  os.replace(f'{side}.{os.getpid()}.tmp', side)
 
 
 def load(path: str, abstract: dict[str, Any], key: str
@@ -685,6 +811,7 @@ def load(path: str, abstract: dict[str, Any], key: str
 
 
 def encoder_path(key: str) -> str:
+  """cache_dir()/encoders/<key>.npz (metadata: the .json beside it)."""
   return os.path.join(cache_dir(), 'encoders', f'{key}.npz')
 
 
@@ -695,8 +822,9 @@ def load_or_train(dataset: ImageArrays, recipe: dict[str, Any] | None = None,
 
   A cache file that cannot be read, lacks or misshapes a parameter, or fails
   its parameter checksum is reported (logging.warning, naming the file) and
-  retrained; training is deterministic, so the result is the encoder the
-  file should have held, and it replaces the file atomically.
+  retrained from the same recipe (bitwise the same weights on the same
+  platform and JAX version), and the new file replaces it atomically. A
+  damaged file is thus never used, and never stops a run.
 
   Args:
     dataset: an `ImageArrays` (uint8 images or float latents).
@@ -709,7 +837,7 @@ def load_or_train(dataset: ImageArrays, recipe: dict[str, Any] | None = None,
   path = encoder_path(key)
   shape = dataset.spec.shape
   abstract = encoder_fn(shape[-1], r['width'], r['blocks'],
-                        r['max_groups']).abstract()
+                        group_rule(r)).abstract()
   params = None
   if os.path.exists(path):
     try:
