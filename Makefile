@@ -55,7 +55,15 @@ data:  ## Install the offline datasets (Fashion-MNIST from Debian's dataset-fash
 	@echo "digits: bundled with scikit-learn (nothing to do)"
 
 BENCH_DEPS = install $(if $(filter fashion_mnist,$(DATASET)),data)
+# Distillation methods name their teacher (methods/<m>.py: TEACHER_METHOD);
+# `make bench` trains it first (same dataset, seed and protocol) if absent.
+TEACHER = $(shell $(PY) -c "import methods.$(METHOD) as m; print(getattr(m, 'TEACHER_METHOD', ''))" 2>/dev/null)
+TEACHER_DIR = runs/$(TEACHER)/$(subst :,_,$(DATASET))/bench_seed$(SEED)
 bench: $(BENCH_DEPS)  ## Train + evaluate METHOD on DATASET, record results and plots.
+	@if [ -n "$(TEACHER)" ] && [ ! -f "$(TEACHER_DIR)/summary.json" ]; then \
+	  echo "Training the $(TEACHER) teacher first: $(TEACHER_DIR)"; \
+	  $(MAKE) --no-print-directory bench METHOD=$(TEACHER) DATASET=$(DATASET) SEED=$(SEED) NFE= ARGS= || exit 1; \
+	fi
 	$(PY) -m onestep_bench.main \
 	  --config=experiments/bench.py:method=$(METHOD),dataset=$(DATASET),seed=$(SEED) \
 	  $(NFE_FLAG) $(ARGS)

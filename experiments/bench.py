@@ -126,6 +126,13 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   if family != 'toy2d' and preset:
     method_cfg.update(getattr(method_module(args['method']), preset))
   c.method = method_cfg
+  module = method_module(args['method'])
+  if getattr(module, 'TEACHER_METHOD', None):  # distillation methods
+    if smoke:  # tests: a freshly initialised teacher, no teacher run needed
+      c.method.allow_untrained_teacher = True
+    elif not c.method.teacher_workdir:  # runs/<teacher>/<ds>/bench_seed<k>
+      c.method.teacher_workdir = module.default_teacher_workdir(
+          args['dataset'], c.seed)
 
   if smoke:  # tiny and fast: tests and CI
     if family == 'toy2d':
