@@ -31,10 +31,16 @@ MAE pre-training (§1.5): p×p patches are zeroed independently with
 probability 0.5; the loss is the L2 reconstruction error on the masked
 pixels only; AdamW (β 0.9/0.95, wd 0.01), linear warmup then constant lr;
 an EMA of the encoder weights is what gets frozen. Deviations, for images of
-8²-32² on two CPU cores: small random shifts (+ flips when the dataset says
-`hflip`) instead of RandomResizedCrop(0.2-1); a few thousand steps at batch
-≤ 128 instead of 30k at 8192; the EMA decay is warmed up as
-min(ema, (1 + t) / (10 + t)) so a short run does not keep the init weights.
+8²-32² on two CPU cores: width C = 16 with one block per stage and three
+stages; small random shifts (+ flips when the dataset says `hflip`) instead
+of RandomResizedCrop(0.2-1); 800 steps at batch 64 instead of 30k at 8192;
+the EMA decay is warmed up as min(ema, (1 + t) / (10 + t)) so a short run
+does not keep the init weights; weights are initialized in numpy
+(`_Functional.init`); GN keeps ≥ 8 channels per group (above).
+Cost of `RECIPE` at 600 steps (2 shared CPU cores, CPU time incl. compile and
+evaluation): digits ≈ 38 CPU-s (training 32), Fashion-MNIST ≈ 240 CPU-s
+(training 208, evaluation 32); a cache hit takes < 0.5 s. The masked-pixel
+test MSE and k-NN sanity accuracies are in `FrozenEncoder.info`.
 
 Feature dictionary (§1.5, paper A.5), every value [B, L, C_key]:
   `norm_x`            per-channel RMS of the input, sqrt(mean x² + 1e-6), L=1.
@@ -50,7 +56,7 @@ Feature dictionary (§1.5, paper A.5), every value [B, L, C_key]:
 Bounded cost: a map key is produced only when its L ≤ `max_locations`
 (default 196 = 14²); a p×p map over a p×p feature map (L = 1) is skipped
 because it equals the global mean / std. The raw-pixel `global` term of A.5
-is the drift method's, not the encoder's.
+is the caller's (raw input), not the encoder's.
 """
 
 from __future__ import annotations
@@ -399,7 +405,7 @@ class FrozenEncoder:
 
   def features(self, params: dict[str, Any], x: jax.Array
                ) -> dict[str, jax.Array]:
-    """The drift-loss feature dictionary {key: [B, L, C_key]}; pure, jit-able.
+    """The multi-scale feature dictionary {key: [B, L, C_key]}; pure, jit-able.
 
     `params` are wrapped in stop_gradient (the encoder stays frozen even if
     a caller differentiates w.r.t. them); gradients flow to `x`.
@@ -730,7 +736,9 @@ def train(dataset: ImageArrays, recipe: dict[str, Any]
     info['test_masked_mse_init'] = mse(init, init['encoder'], base)
     info['test_masked_mse_zero_fill'] = mse(init, init['encoder'], base,
                                             zero_fill=True)
+    c2 = time.process_time()
     accs = knn_probe(mae, [ema, init_encoder], dataset)
+    info['knn_cpu_seconds'] = time.process_time() - c2
     if accs is not None:
       info['knn_accuracy'], info['knn_accuracy_init'] = accs[0], accs[1]
       info['knn_accuracy_pixels'] = accs[2]['pixels']

@@ -5,6 +5,7 @@ full-recipe quality check is `slow`.
 """
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def test_num_groups():
   assert encoders.num_groups(4, 32, 8) == 1
 
 
-def _expected(h, c, *, stages, pools_ok, locs=196):
+def _expected(h, c, *, stages, locs=196):
   """Hand-derived key -> (L, C) for a square input with 1 block/stage."""
   out = {'norm_x': (1, 1)}
   maps = [('stem', h, c)] + [(f'stage{s + 1}', -(-h // 2**s), c * 2**s)
@@ -75,7 +76,7 @@ def _expected(h, c, *, stages, pools_ok, locs=196):
       out[f'{name}/loc'] = (hh * hh, cc)
     for p in (2, 4):
       n = (hh // p)**2
-      if pools_ok and hh % p == 0 and 1 < n <= locs:
+      if hh % p == 0 and 1 < n <= locs:
         out[f'{name}/mean_{p}x{p}'] = out[f'{name}/std_{p}x{p}'] = (n, cc)
   return out
 
@@ -84,7 +85,7 @@ def _expected(h, c, *, stages, pools_ok, locs=196):
 def test_feature_shapes(shape):
   enc = _frozen(shape, width=16, blocks=(1, 1, 1))
   got = enc.feature_shapes()
-  assert got == _expected(shape[0], 16, stages=3, pools_ok=True) | {
+  assert got == _expected(shape[0], 16, stages=3) | {
       'norm_x': (1, shape[-1])}
   if shape[0] == 28:  # the per-key cost bound of the brief, spelled out
     assert 'stem/loc' not in got and got['stem/mean_2x2'] == (196, 16)
@@ -188,7 +189,8 @@ def test_training_reduces_masked_mse(tiny):
   assert info['test_masked_mse'] < 0.5 * info['test_masked_mse_zero_fill']
   assert {'gap', 'last'} <= set(info['knn_accuracy'])
   side = encoders.encoder_path(info['cache_key'])[:-4] + '.json'
-  assert json.load(open(side))['params_sha256'] == info['params_sha256']
+  meta = json.loads(pathlib.Path(side).read_text())
+  assert meta['params_sha256'] == info['params_sha256']
 
 
 def test_cache_hit_and_miss(tiny, monkeypatch):
@@ -207,14 +209,14 @@ def test_cache_hit_and_miss(tiny, monkeypatch):
   assert len(calls) == 1 and calls[0]['lr'] == 1e-3
 
 
-def test_corrupt_cache(tiny):
+def test_corrupt_cache(tiny, caplog):
   ds, enc = tiny
   r = encoders.resolve_recipe(ds, TINY)
   key = encoders.cache_key(ds, r)
   path = encoders.encoder_path(key)
   abstract = encoders.encoder_fn(1, r['width'], r['blocks'],
                                  encoders.group_rule(r)).abstract()
-  good = open(path, 'rb').read()
+  good = pathlib.Path(path).read_bytes()
   try:
     # A changed value under the old checksum (silent damage) is caught.
     with np.load(path) as z:
@@ -229,17 +231,16 @@ def test_corrupt_cache(tiny):
     with pytest.raises(encoders.CacheError, match='parameter names'):
       encoders.load(path, encoders.encoder_fn(1, 8, (1, 1, 1)).abstract(),
                     key)
-    with open(path, 'wb') as f:
-      f.write(good[:len(good) // 2])
+    pathlib.Path(path).write_bytes(good[:len(good) // 2])
     with pytest.raises(encoders.CacheError, match='unreadable'):
       encoders.load(path, abstract, key)
-    # load_or_train retrains (deterministically) and rewrites the file.
+    # load_or_train says so, retrains (deterministically), rewrites the file.
     again = encoders.load_or_train(ds, TINY)
+    assert 'damaged, retraining' in caplog.text and path in caplog.text
     assert _leaves_equal(again.params, enc.params)
     encoders.load(path, abstract, key)  # the rewritten file is sound
   finally:
-    with open(path, 'wb') as f:
-      f.write(good)
+    pathlib.Path(path).write_bytes(good)
 
 
 # ------------------------------------------------------------------- slow
