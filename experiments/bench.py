@@ -71,7 +71,8 @@ _IMAGES['mnist'] = _IMAGES['fashion_mnist']
 # Method options that differ on images (experiments may name methods; the
 # harness never does): MeanFlow uses py-meanflow's CIFAR-10 recipe.
 _IMAGE_METHOD_PRESETS = {'meanflow': 'PY_MEANFLOW_CIFAR10_V1',
-                         'transition_matching': 'IMAGE_PRESET'}
+                         'transition_matching': 'IMAGE_PRESET',
+                         'tvm': 'IMAGE_PRESET'}
 
 
 def parse_args(arg_string: str) -> dict[str, str]:
