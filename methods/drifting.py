@@ -300,9 +300,9 @@ def regroup(f: jax.Array, groups: int) -> jax.Array:
   Each (class group, location) pair is one group of the field; the global
   feature scale stays shared across all of them (paper A.6).
   """
-  gn, l, c = f.shape
-  f = f.reshape(groups, gn // groups, l, c).transpose(0, 2, 1, 3)
-  return f.reshape(groups * l, gn // groups, c)
+  gn, locs, c = f.shape
+  f = f.reshape(groups, gn // groups, locs, c).transpose(0, 2, 1, 3)
+  return f.reshape(groups * locs, gn // groups, c)
 
 
 class Method(base.Method):

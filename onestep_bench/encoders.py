@@ -79,8 +79,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from onestep_bench.data.images import ImageArrays, to_float
+from onestep_bench.data.images import ImageArrays, random_shift, to_float
 from onestep_bench.evaluators.classifier import cache_dir
+from onestep_bench.models import int_keys, str_keys
 
 # Bump when a change to this file changes what a recipe trains or what the
 # cached arrays mean: the cache key includes it, so old files are not reused.
@@ -264,20 +265,6 @@ class UNetDecoder(nnx.Module):
     return self.out(h)
 
 
-# -------------------------------------------------------- pure-dict helpers
-def _str_keys(tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {str(k): _str_keys(v) for k, v in tree.items()}
-  return tree
-
-
-def _int_keys(tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {int(k) if k.isdigit() else k: _int_keys(v)
-            for k, v in tree.items()}
-  return tree
-
-
 class _Functional:
   """An nnx module constructor as init(key) -> pure dict, apply(p, ...)."""
 
@@ -313,11 +300,11 @@ class _Functional:
 
   def abstract(self) -> dict[str, Any]:
     """The params tree of ShapeDtypeStructs (str keys)."""
-    return _str_keys(nnx.to_pure_dict(self._abstract))
+    return str_keys(nnx.to_pure_dict(self._abstract))
 
   def apply(self, params: dict[str, Any], *args, **kwargs):
     state = jax.tree.map(lambda a: a, self._abstract)
-    nnx.replace_by_pure_dict(state, _int_keys(params))
+    nnx.replace_by_pure_dict(state, int_keys(params))
     return nnx.merge(self._graphdef, state)(*args, **kwargs)
 
 
@@ -474,17 +461,6 @@ def patch_mask(key: jax.Array, shape: Sequence[int], patch: int,
       jnp.float32)
 
 
-def _shift(key: jax.Array, x: jax.Array, pad: int) -> jax.Array:
-  """Random translation by up to `pad` pixels (edge padding), per image."""
-  if not pad:
-    return x
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='edge')
-  off = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
-  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(
-      img, (o[0], o[1], 0), (h, w, c)))(xp, off)
-
-
 class MAE:
   """Encoder + decoder of the masked-AE pre-training, as pure functions.
 
@@ -558,7 +534,7 @@ def _train_step(mae: MAE, scale: float, params, opt, ema, i: jax.Array,
   if r['hflip']:
     flip = jax.random.bernoulli(k_flip, 0.5, (r['batch'], 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1], x)
-  x = _shift(k_shift, x, r['shift'])
+  x = random_shift(k_shift, x, r['shift'])
   mask = patch_mask(k_mask, x.shape, r['patch'], r['mask_prob'])
   loss, grads = jax.value_and_grad(mae.loss)(params, x, mask)
   updates, opt = _optimizer(r).update(grads, opt, params)

@@ -37,3 +37,18 @@ def cheap_classifier(monkeypatch):
   from onestep_bench.evaluators import classifier  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(classifier.RECIPE, 'steps', 60)
   monkeypatch.setattr(classifier, 'MIN_ACCURACY', {})
+
+
+def count_dots(jaxpr) -> int:
+  """dot_general count, scans unrolled by their length."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    mult = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
+    if eqn.primitive.name == 'dot_general':
+      total += 1
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          total += mult * count_dots(inner)
+  return total

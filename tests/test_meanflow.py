@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import smoke_config
+from conftest import count_dots, smoke_config
 from scipy.integrate import solve_ivp
 
 from methods import meanflow as mf
@@ -179,30 +179,15 @@ def test_sampler_with_exact_u_is_exact_at_any_nfe(nfe):
 
 
 # -------------------------------------------- 4. the sampler honours nfe
-def _count_dots(jaxpr) -> int:
-  """dot_general count, scans unrolled by their length."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    mult = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-    if eqn.primitive.name == 'dot_general':
-      total += 1
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (tuple, list)) else (p,):
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          total += mult * _count_dots(inner)
-  return total
-
-
 @pytest.mark.parametrize('nfe', [1, 2, 4])
 def test_sampler_calls_backbone_exactly_nfe_times(nfe):
   _, ds, method = _setup()
   params = method.net.init(jax.random.key(0))
   x, t = jnp.zeros((16, 2)), jnp.zeros((16,))
-  per_call = _count_dots(jax.make_jaxpr(method.net.apply)(
+  per_call = count_dots(jax.make_jaxpr(method.net.apply)(
       params, x, t, t, None).jaxpr)
   sampler = lambda p, k: method.sample(p, k, 16, nfe=nfe)
-  dots = _count_dots(jax.make_jaxpr(sampler)(params, jax.random.key(1)).jaxpr)
+  dots = count_dots(jax.make_jaxpr(sampler)(params, jax.random.key(1)).jaxpr)
   assert per_call > 0 and dots == nfe * per_call
   # And by direct count: scan runs as a Python loop without jit.
   calls, apply = [], method.net.apply

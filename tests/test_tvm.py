@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats
-from conftest import smoke_config
+from conftest import count_dots, smoke_config
 
 from methods import tvm
 from onestep_bench import data
@@ -267,30 +267,15 @@ def test_uniform_time_sampler(gap_dist):
 
 
 # -------------------------------------------------- 5. the sampler's NFE
-def _count_dots(jaxpr) -> int:
-  """dot_general count, scans unrolled by their length."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    mult = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-    if eqn.primitive.name == 'dot_general':
-      total += 1
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (tuple, list)) else (p,):
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          total += mult * _count_dots(inner)
-  return total
-
-
 @pytest.mark.parametrize('nfe', [1, 2, 4])
 def test_sampler_calls_backbone_exactly_nfe_times(nfe):
   _, ds, method = _setup()
   params = jax.jit(method.net.init)(jax.random.key(0))
   x, t = jnp.zeros((16, 2)), jnp.zeros((16,))
-  per_call = _count_dots(jax.make_jaxpr(method.net.apply)(
+  per_call = count_dots(jax.make_jaxpr(method.net.apply)(
       params, x, t, t, None).jaxpr)
   sampler = lambda p, k: method.sample(p, k, 16, nfe=nfe)
-  dots = _count_dots(jax.make_jaxpr(sampler)(params, jax.random.key(1)).jaxpr)
+  dots = count_dots(jax.make_jaxpr(sampler)(params, jax.random.key(1)).jaxpr)
   assert per_call > 0 and dots == nfe * per_call
   calls, apply = [], method.net.apply
   method.net = types.SimpleNamespace(

@@ -39,6 +39,18 @@ def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
   return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def random_shift(key: jax.Array, x: jax.Array, pad: int) -> jax.Array:
+  """Random translation by up to `pad` pixels (edge padding), per image."""
+  if not pad:
+    return x
+  b, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='edge')
+  off = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0),
+                                              (h, w, img.shape[-1]))
+  return jax.vmap(crop)(xp, off)
+
+
 def check_split(name: str, split: str, images: np.ndarray,
                 labels: np.ndarray, kind: str = 'image') -> Split:
   """Validates one split: uint8 (float for latents) NHWC + int labels."""

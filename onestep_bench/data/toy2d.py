@@ -118,7 +118,8 @@ class Toy2D:
              arrays: dict[str, jax.Array] | None = None, *,
              groups: int = 0) -> dict[str, jax.Array]:
     """{'x': [n, 2] float32}, exact samples (jit-able); unlabelled, so
-    `groups` (class-grouped batches) does not apply."""
+    `groups` (class-grouped batches) does not apply.
+    """
     del groups
     del arrays
     return {'x': self._sample(key, n)}

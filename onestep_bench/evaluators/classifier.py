@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from onestep_bench.data.images import ImageArrays, to_float
+from onestep_bench.data.images import ImageArrays, random_shift, to_float
 
 RECIPE = dict(width=16, feat_dim=256, steps=2000, batch=128, lr=2e-3,
               weight_decay=1e-4, seed=0, shift=2)
@@ -63,18 +63,6 @@ class CNN(nnx.Module):
         x = nnx.avg_pool(x, (2, 2), (2, 2))
     feats = self.fc1(x.reshape(x.shape[0], -1))
     return feats, self.fc2(nnx.relu(feats))
-
-
-def _shift(key: jax.Array, x: jax.Array, pad: int) -> jax.Array:
-  """Random translation by up to `pad` pixels (edge padding), per image."""
-  if not pad:
-    return x
-  b, h, w, _ = x.shape
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='edge')
-  off = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
-  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0),
-                                              (h, w, img.shape[-1]))
-  return jax.vmap(crop)(xp, off)
 
 
 class ClassifierExtractor:
@@ -157,7 +145,7 @@ class ClassifierExtractor:
       p, opt = carry
       k_idx, k_aug = jax.random.split(jax.random.fold_in(key, i))
       idx = jax.random.randint(k_idx, (r['batch'],), 0, x_tr.shape[0])
-      x = _shift(k_aug, to_float(x_tr[idx]), r['shift'])
+      x = random_shift(k_aug, to_float(x_tr[idx]), r['shift'])
       loss, g = jax.value_and_grad(loss_fn)(p, x, y_tr[idx])
       upd, opt = tx.update(g, opt, p)
       return (optax.apply_updates(p, upd), opt), loss

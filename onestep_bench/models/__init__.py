@@ -36,7 +36,7 @@ class Backbone:
   def init(self, key: jax.Array) -> dict[str, Any]:
     """Fresh parameters as a nested dict of arrays."""
     _, state = nnx.split(self._ctor(nnx.Rngs(key)))
-    return _str_keys(nnx.to_pure_dict(state))
+    return str_keys(nnx.to_pure_dict(state))
 
   def apply(self, params: dict[str, Any], x: jax.Array, t: jax.Array,
             h: jax.Array, y: jax.Array | None = None,
@@ -59,7 +59,7 @@ class Backbone:
       [B, *shape] float32.
     """
     state = jax.tree.map(lambda a: a, self._abstract)
-    nnx.replace_by_pure_dict(state, _int_keys(params))
+    nnx.replace_by_pure_dict(state, int_keys(params))
     module = nnx.merge(self._graphdef, state)
     return module(x, t, h, y, g) if s is None else module(x, t, h, y, g, s)
 
@@ -68,16 +68,17 @@ class Backbone:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(self._abstract))
 
 
-def _str_keys(tree: Any) -> Any:
+def str_keys(tree: Any) -> Any:
   """Keys as strings (nnx list indices are ints; checkpoints want strings)."""
   if isinstance(tree, dict):
-    return {str(k): _str_keys(v) for k, v in tree.items()}
+    return {str(k): str_keys(v) for k, v in tree.items()}
   return tree
 
 
-def _int_keys(tree: Any) -> Any:
+def int_keys(tree: Any) -> Any:
+  """Inverse of `str_keys`: digit keys back to ints (nnx list indices)."""
   if isinstance(tree, dict):
-    return {int(k) if k.isdigit() else k: _int_keys(v)
+    return {int(k) if k.isdigit() else k: int_keys(v)
             for k, v in tree.items()}
   return tree
 
