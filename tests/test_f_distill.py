@@ -300,7 +300,9 @@ def test_student_trains_from_teacher_run(teacher_dir, tmp_path):
 
 def test_teacher_errors(teacher_dir, tmp_path):
   with pytest.raises(fd.TeacherError, match='teacher_workdir is empty'):
-    _method(smoke_config('f_distill'))
+    # (the smoke protocol allows an untrained teacher; a real run does not)
+    _method(smoke_config('f_distill',
+                         **{'method.allow_untrained_teacher': False}))
   missing = str(tmp_path / 'nope')
   with pytest.raises(fd.TeacherError, match='does not exist.*method=flow_'):
     _method(_student_config(missing))

@@ -200,7 +200,8 @@ def test_conditional_sampling_uses_balanced_labels():
 def test_grouped_batches_are_one_class_per_block():
   ds = data.build(mlc.ConfigDict(dict(
       name='digits', dir='', conditional=True, hflip=False)))
-  batch = jax.jit(lambda k: ds.sample(k, 40, ds.arrays, groups=4))(
+  arrays = ds.arrays  # device arrays, built outside jit
+  batch = jax.jit(lambda k: ds.sample(k, 40, arrays, groups=4))(
       jax.random.key(0))
   y = np.asarray(batch['y']).reshape(4, 10)
   assert (y == y[:, :1]).all(), y
