@@ -110,7 +110,7 @@ def embed_conditions(m: nnx.Module, t: jax.Array, h: jax.Array,
     if g is None:
       raise ValueError(
           f'{type(m).__name__} was built with guidance_embed=True and needs '
-          'the guidance input g ([B] float32), e.g. 1/w for TVM.')
+          'the guidance input g ([B] float32), e.g. a CFG scale.')
     c = c + g_embed(g)
   s_embed = getattr(m, 's_embed', None)
   if (s is None) != (s_embed is None):

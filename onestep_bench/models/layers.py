@@ -182,9 +182,10 @@ def top_singular_value(w: jax.Array) -> jax.Array:
 
 
 def spectral_init(target: float = 1.0) -> Initializer:
-  """TVM's `init_type: spectral`: weight with spectral norm exactly `target`.
+  """Spectral initialization: a weight with spectral norm exactly `target`.
 
-  TVM (specs/meanflow_tvm.md §2.5) draws xavier-normal weights and divides by
+  Zhou et al. 2025 (arXiv 2511.19797, official `init_type: spectral`;
+  specs/meanflow_tvm.md §2.5) draw xavier-normal weights and divide by
   their top singular value. The xavier scale cancels in that ratio, so we
   draw N(0, 1) and rescale by `target / sigma_max`, with sigma_max computed
   exactly (Gram-matrix eigenvalue, `top_singular_value`) rather than by
