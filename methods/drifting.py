@@ -93,8 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
       # Map keys (per-location vectors, pooled mean/std maps) with more than
       # this many locations are left out. Official: none left out (32x32
       # latents: 1024). 49 keeps the field affordable on 2 CPU cores
-      # (digits: 245 -> ~117 groups per key set; per-step cost is dominated
-      # by the N x M softmaxes of every (class, location) group).
+      # (digits: 245 -> 117 location groups, counted; the per-step cost is
+      # dominated by the N x M softmaxes of every (class, location) group).
       encoder_max_locations=49,
       # Class groups per step on labelled data (official N_c: 64 ablation,
       # 128 final). 0 = every class once (10 for digits / Fashion-MNIST).
