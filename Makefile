@@ -17,7 +17,7 @@ SWEEP   ?=
 ARGS    ?=
 NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
 
-.PHONY: help install install-parity data bench bench-all sweep leaderboard test test-slow lint clean
+.PHONY: help install install-parity data bench bench-all sweep leaderboard perf test test-slow lint clean
 
 help:  ## Show this help.
 	@echo "onestep_bench: one-step generative models, benchmarked side by side."
@@ -79,6 +79,11 @@ sweep: install  ## Run sweeps SWEEP (comma list) of experiments/EXP.py.
 
 leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, plots.
 	$(PY) -m onestep_bench.leaderboard --results_dir results
+
+# Speed / memory ratios measured side by side (experiments/perf.py); pytorch-fid
+# is the evaluator's baseline. Subsets: ARGS="--sections=methods --backbones=unet".
+perf: install-parity data  ## Benchmark -> results/perf.csv + results/perf.md.
+	OPENBLAS_NUM_THREADS=1 $(PY) -m experiments.perf $(ARGS)
 
 test: install-parity  ## Fast tests incl. pytorch-fid parity (CI runs this).
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -119,7 +119,10 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   for ev in c.evals.values():  # CFG scale (a result column); None = no CFG
     if 'guidance' not in ev:
       ev.guidance = ml_collections.config_dict.placeholder(float)
-  c.mesh = ml_collections.ConfigDict({'data': -1})  # -1: all devices
+  # Placement only (not in config_hash): data-parallel x FSDP devices;
+  # data=-1 takes all devices left after fsdp (onestep_bench/sharding.py).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1,
+                                      'fsdp_min_size': 4096})
 
   method_cfg = method_module(args['method']).get_config()
   method_cfg.name = args['method']

@@ -595,8 +595,21 @@ class Method(base.Method):
     return loss, metrics
 
   # -------------------------------------------------------- train step
-  def train_step(self, state, batch, key):
+  @property
+  def step_cycle(self) -> int:
+    return int(self.mcfg.student_update_freq)
+
+  def step_phase(self, step: int) -> int:
+    """0: student update (step % K == 0); 1: fake score + D update."""
+    return 0 if step % self.step_cycle == 0 else 1
+
+  def train_step(self, state, batch, key, phase=None):
     """Student step if step % K == 0, else fake-score + D step; EMA always.
+
+    `phase` = `step_phase(step)` when the harness knows it statically (one
+    step per dispatch): then only that branch is traced, no `lax.cond`
+    (XLA:CPU ran this step ~10x slower with the cond on Fashion-MNIST).
+    Same result either way (tested).
 
     Metrics: `loss` / `grad_norm` of the update that ran; the student-only
     metrics are reported x K on student steps (0 otherwise) and the critic
@@ -631,7 +644,10 @@ class Method(base.Method):
       return out, dict(zero_s, **m, loss=loss,
                        grad_norm=optax.global_norm((gf, gd)))
 
-    out, metrics = jax.lax.cond(state.step % kk == 0, student, critic, None)
+    if phase is None:
+      out, metrics = jax.lax.cond(state.step % kk == 0, student, critic, None)
+    else:
+      out, metrics = (student if phase == 0 else critic)(None)
     params, opt, fake, fopt, disc, dopt, bins = out
     ema = self.update_ema(state.ema_params, params, state.step)
     metrics['param_norm'] = optax.global_norm(params)

@@ -354,13 +354,13 @@ class Method(base.Method):
     del key
     return {'teacher': params}
 
-  def train_step(self, state, batch, key):
+  def train_step(self, state, batch, key, phase=None):
     """Base step (grad, optax, eval EMA), then θ⁻ ← d θ⁻ + (1 - d) θ_new.
 
     Official training_loop.py: `p_ema.copy_(p_net.lerp(p_ema, beta))` after
     the optimizer step, constant beta = ema_target_beta (no warm-up).
     """
-    new, metrics = super().train_step(state, batch, key)
+    new, metrics = super().train_step(state, batch, key, phase)
     teacher = optax.incremental_update(new.params, state.extras['teacher'],
                                        1.0 - self.mcfg.teacher_ema)
     return new.replace(extras=dict(state.extras, teacher=teacher)), metrics

@@ -1,13 +1,17 @@
 """The only module that touches orbax: an async CheckpointManager wrapper.
 
 Restores fall back from a corrupt or truncated latest checkpoint to the
-previous one (with a warning); if checkpoints exist but none can be read, the
-run stops with an error and nothing is deleted.
+previous one (with a warning) and move the unreadable step directories aside
+to `checkpoints_unreadable/` (kept for inspection, never deleted; training
+then rewrites those steps). If checkpoints exist but none can be read, the
+run stops with an error and nothing is moved or deleted.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -56,19 +60,42 @@ class Checkpointer:
     self._mngr.wait_until_finished()
     steps = self.all_steps()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    bad = []
     for step in reversed(steps):
       try:
-        return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = self._mngr.restore(step,
+                                   args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); '
                         'falling back to the previous one.', step,
                         self.directory, type(e).__name__, e)
+        bad.append(step)
+        continue
+      if bad:
+        self._quarantine(bad)
+      return state
     if steps:
       raise CheckpointError(
           f'No readable checkpoint in {self.directory} (steps {steps}). '
           'Nothing was deleted; move the directory away to start fresh, or '
           'check that the config matches the run that wrote it.')
     return None
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable step dirs to `checkpoints_unreadable/` (kept)."""
+    if jax.process_index() == 0:
+      dest = os.path.join(os.path.dirname(self.directory),
+                          'checkpoints_unreadable')
+      os.makedirs(dest, exist_ok=True)
+      for step in steps:
+        target = os.path.join(dest, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        logging.warning('Moved unreadable checkpoint step %d to %s.', step,
+                        target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('onestep_bench_quarantine')
+    self._mngr.reload()
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

@@ -8,11 +8,13 @@ python -m onestep_bench.main \
 import os
 import shlex
 import sys
+import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from onestep_bench import sharding, train
+from onestep_bench import checkpoint, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run dir (default: runs/'
@@ -33,10 +35,17 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'runs', config.method.name, config.data.name.replace(':', '_'),
       f'{config.protocol}_seed{config.seed}')
-  summary = train.train_and_evaluate(config, workdir,
-                                     command=shlex.join(['python', '-m',
-                                                         'onestep_bench.main',
-                                                         *sys.argv[1:]]))
+  command = shlex.join(['python', '-m', 'onestep_bench.main', *sys.argv[1:]])
+  try:
+    summary = train.train_and_evaluate(config, workdir, command=command)
+  except USER_ERRORS as e:
+    # Bad input / known failure: one line naming the fix, exit code 1, no
+    # results rows (the CSVs are written only after a finished run).
+    if os.environ.get('ONESTEP_TRACEBACK'):
+      traceback.print_exc()
+    sys.exit(f'error: {type(e).__name__}: {one_line(e)}')
+  if jax.process_index() != 0:
+    return
   if _RESULTS.value:
     from onestep_bench import leaderboard  # pylint: disable=g-import-not-at-top
     rows = leaderboard.record(summary, _RESULTS.value)
@@ -46,6 +55,20 @@ def main(argv):
     print(f'RESULT {summary["method"]} {summary["dataset"]} nfe={rec["nfe"]} '
           + ' '.join(f'{k}={v:.4g}' for k, v in m.items()
                      if isinstance(v, float)))
+
+
+# Failures the user can fix; each message names the fix (config errors,
+# UnsupportedNFEError, IdxError and TeacherError are ValueErrors; a missing
+# dataset is a FileNotFoundError). Anything else is a bug and keeps its
+# traceback; ONESTEP_TRACEBACK=1 shows it for these too.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError,
+               checkpoint.CheckpointError, train.NonFiniteError,
+               train.OutOfMemoryError)
+
+
+def one_line(e: BaseException) -> str:
+  """The exception's message on one line."""
+  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def parse_or_exit(argv: list[str]) -> list[str]:

@@ -116,6 +116,13 @@ class Method:
   # with its own inner steps); the evaluator reports the measured effective
   # NFE either way, and the contract test then only requires >= nfe.
   extra_sampling_flops: bool = False
+  # C > 1: `train_step` alternates update types over a cycle of C steps
+  # (e.g. generator / critic updates). When the harness dispatches a single
+  # step (image protocols on CPU) it passes `step_phase(step)` as a static
+  # Python int, so the method branches in Python instead of `lax.cond`:
+  # XLA:CPU runs convolutions inside control flow (cond / while) ~10-35x
+  # slower than at top level. Inside a scan the phase is None.
+  step_cycle: int = 1
 
   def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
     self.config = config
@@ -155,13 +162,19 @@ class Method:
     """Scalar training loss and metrics for one batch (pure, jit-able)."""
     raise NotImplementedError
 
-  def train_step(self, state: TrainState, batch: Batch,
-                 key: jax.Array) -> tuple[TrainState, Metrics]:
+  def step_phase(self, step: int) -> int:
+    """The static update type of `step` (one compiled program per value)."""
+    return step % self.step_cycle
+
+  def train_step(self, state: TrainState, batch: Batch, key: jax.Array,
+                 phase: int | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step: grad(loss) -> optax -> EMA.
 
     Metrics always include `loss`, `grad_norm`, `param_norm` plus whatever
-    `loss` returns.
+    `loss` returns. `phase` is `step_phase(step)` as a static int when the
+    harness knows it, else None (see `step_cycle`); unused here.
     """
+    del phase
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, batch, key, state)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

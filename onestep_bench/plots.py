@@ -100,12 +100,12 @@ def run_figures(summary: Mapping[str, Any], results_dir: str) -> list[str]:
       continue
     shape = _npz_shape(f)
     if len(shape) == 4:  # images: a sample grid per NFE
-      with np.load(f) as z:
+      with np.load(f, allow_pickle=False) as z:
         grids.append(image_grid(z['x'][:64],
                                 os.path.join(d, f'{name}_nfe{nfe}.png')))
       samples[nfe] = np.zeros((0, 2))
     elif len(shape) == 2 and shape[1] == 2:
-      with np.load(f) as z:
+      with np.load(f, allow_pickle=False) as z:
         samples[nfe] = z['x']
   if grids:
     return grids

@@ -36,13 +36,35 @@ class NonFiniteError(FloatingPointError):
   """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
+class OutOfMemoryError(MemoryError):
+  """A device ran out of memory; the message names the knobs to turn."""
+
+
+def oom_hint(e: Exception, config: ml_collections.ConfigDict) -> str | None:
+  """One-line fix for an XLA RESOURCE_EXHAUSTED error, else None."""
+  msg = str(e)
+  if 'RESOURCE_EXHAUSTED' not in msg and 'Out of memory' not in msg:
+    return None
+  first = next((ln for ln in msg.splitlines() if ln.strip()), msg)[:200]
+  return (f'Device out of memory ({first.strip()}). Lower '
+          f'config.train.batch_size (now {config.train.batch_size}), shard '
+          'the state with config.mesh.fsdp=<devices>, use a bf16 '
+          'config.model.dtype, or lower config.evals.<name>.batch_size for '
+          'sampling.')
+
+
 # ============================================================== helpers
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """12-hex hash of the config without the seed (seeds of one config share
-  it, so the leaderboard can aggregate them).
+  """12-hex hash of the config without the seed and the mesh.
+
+  Seeds of one config share it, so the leaderboard can aggregate them. The
+  mesh is placement, not maths: a run on 8 devices (or FSDP) computes the same
+  function as on 1, up to float summation order (tests/test_sharding.py), and
+  may resume on another device count.
   """
   d = config.to_dict()
   d.pop('seed', None)
+  d.pop('mesh', None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
                         .encode()).hexdigest()[:12]
 
@@ -97,27 +119,40 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
       json.dump(ident, f)
 
 
-def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int):
-  """jit(state, root_key, arrays, n) -> (state, stacked metrics), n steps.
+def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
+                     state_sharding: Any):
+  """jit(state, root_key, arrays, n, phase) -> (state, metrics), n steps.
+
+  `phase` (static, only for n == 1) is `method.step_phase(step)` when the
+  method alternates update types (`step_cycle` > 1), else None.
+
+  The batch is sampled inside the program and constrained to the batch axes,
+  so each device draws only its slice (threefry is partitionable); the state
+  keeps `state_sharding` (replicated, or FSDP-sharded) across steps.
 
   `arrays` (the dataset's device-resident data) is an argument rather than a
   closure so a 50 MB image set is not baked into the program as a constant.
   """
-  def one_step(root_key, arrays, state: TrainState, _):
+  def one_step(root_key, arrays, phase, state: TrainState, _):
     data_key, method_key = jax.random.split(
         jax.random.fold_in(root_key, state.step))
     b = sharding.shard_batch(
         dataset.sample(data_key, batch, arrays, groups=method.class_groups),
         mesh)
-    return method.train_step(state, b, method_key)
+    if phase is None:
+      return method.train_step(state, b, method_key)
+    return method.train_step(state, b, method_key, phase=phase)
 
-  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
-  def chunk(state, root_key, arrays, n):
-    body = functools.partial(one_step, root_key, arrays)
+  @functools.partial(jax.jit, static_argnums=(3, 4), donate_argnums=0)
+  def chunk(state, root_key, arrays, n, phase=None):
+    body = functools.partial(one_step, root_key, arrays,
+                             phase if n == 1 else None)
     if n == 1:  # no while loop: XLA:CPU runs convs in loops ~35x slower
       state, metrics = body(state, None)
-      return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(body, state, length=n)
+      metrics = jax.tree.map(lambda m: m[None], metrics)
+    else:
+      state, metrics = jax.lax.scan(body, state, length=n)
+    return jax.lax.with_sharding_constraint(state, state_sharding), metrics
   return chunk
 
 
@@ -133,7 +168,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     The summary dict (also written to `workdir/summary.json`).
+
+  Raises:
+    OutOfMemoryError: a device ran out of memory (message names the fix).
+    NonFiniteError: the loss became NaN/Inf (last good checkpoint kept).
   """
+  try:
+    return _train_and_evaluate(config, workdir, command=command)
+  except jax.errors.JaxRuntimeError as e:
+    hint = oom_hint(e, config)
+    if hint is None:
+      raise
+    raise OutOfMemoryError(hint) from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        *, command: str | None) -> dict[str, Any]:
   # ---------------------------------------------------------------- setup
   is_main = jax.process_index() == 0
   tc = config.train
@@ -143,20 +193,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.mesh)
   if tc.batch_size % mesh.size:
     raise ValueError(f'config.train.batch_size={tc.batch_size} is not '
-                     f'divisible by the {mesh.size} data-parallel devices.')
+                     f'divisible by the {mesh.size} devices of the mesh '
+                     f'{dict(mesh.shape)}; change the batch size or '
+                     'config.mesh.')
   for name, ev in config.evals.items():
     runner.eval_nfes(method, ev, name)  # fail before any compile
-  os.makedirs(workdir, exist_ok=True)
-  writer = writers.create_writer(workdir, is_main=is_main)
   root = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root, 3)
+  example = dataset.sample(jax.random.key(0), 2)
+  # Shapes first: a bad backbone config (e.g. image size vs patch size)
+  # fails here, before the workdir or any file exists.
+  abstract = jax.eval_shape(method.init, init_key, example)
+  state_sharding = sharding.state_shardings(
+      mesh, abstract, config.mesh.get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(workdir, config, is_main)
+  writer = writers.create_writer(workdir, is_main=is_main)
 
   # ---------------------------------------------------------------- state
   repl = sharding.replicated(mesh)
-  example = dataset.sample(jax.random.key(0), 2)
-  init = jax.jit(method.init, out_shardings=repl)
-  state = init(init_key, example)
-  check_workdir_config(workdir, config, is_main)
+  state = jax.jit(method.init, out_shardings=state_sharding)(init_key, example)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -166,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.write_hparams(config.to_dict())
 
   # ---------------------------------------------------------------- train
-  chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size)
+  chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size,
+                              state_sharding)
   arrays = jax.device_put(dataset.arrays, repl)
   step = int(state.step)
   t_start, t_steady, steps_timed, first = time.perf_counter(), 0.0, 0, True
@@ -177,7 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ce = tc.checkpoint_every_steps
     n = min(tc.steps_per_dispatch, tc.num_steps - step, ce - step % ce)
     t0 = time.perf_counter()
-    state, metrics = chunk_fn(state, train_key, arrays, n)
+    phase = (method.step_phase(step)
+             if n == 1 and method.step_cycle > 1 else None)
+    state, metrics = chunk_fn(state, train_key, arrays, n, phase)
     metrics = jax.device_get(metrics)
     dt = time.perf_counter() - t0
     if not first:  # the first chunk includes compilation
@@ -186,11 +245,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     losses = np.asarray(metrics['loss'])
     if not np.all(np.isfinite(losses)):
       bad = step + int(np.argmin(np.isfinite(losses))) + 1
-      last = ckpt.all_steps()
+      ckpt.wait()  # in-flight saves land before we name them
+      # The loss of step k is computed from the params saved at step k - 1,
+      # so checkpoints from step bad - 1 on hold params that give NaN/Inf.
+      good = [s for s in ckpt.all_steps() if s <= bad - 2]
       raise NonFiniteError(
           f'Non-finite loss at step {bad} (steps {step + 1}..{step + n} were '
           f'in this dispatch). Last good checkpoint: '
-          f'{last[-1] if last else None} in {ckpt.directory}. Lower '
+          f'{good[-1] if good else None} in {ckpt.directory} (later ones '
+          'hold the params that diverged; nothing was deleted). Lower '
           'config.train.lr or set config.train.grad_clip.')
     prev, step = step, step + n
     bar.update(n)
@@ -212,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- eval
   results = runner.evaluate(method, state.ema_params, dataset, config.evals,
                             workdir if is_main else None, eval_key,
-                            seed=config.seed)
+                            seed=config.seed, mesh=mesh)
   for rec in results:
     writer.write_scalars(step, {f'eval/{rec["eval"]}/nfe{rec["nfe"]}/{k}': v
                                 for k, v in rec['metrics'].items()})
@@ -227,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'device': {'platform': jax.devices()[0].platform,
                  'kind': jax.devices()[0].device_kind,
                  'count': jax.device_count(),
-                 'processes': jax.process_count()},
+                 'processes': jax.process_count(),
+                 'mesh': dict(mesh.shape)},
       'steps': step, 'batch_size': int(tc.batch_size),
       'examples_seen': step * int(tc.batch_size), 'params': int(num_params),
       'train_wall_s': round(t_train, 3),

@@ -23,11 +23,22 @@ def _py(v: Any) -> Any:
 
 
 class JsonlWriter:
-  """Appends scalars to `workdir/metrics.jsonl` (clu MetricWriter API)."""
+  """Appends scalars to `workdir/metrics.jsonl` (clu MetricWriter API).
+
+  Line-buffered, so a killed run loses at most the line being written; a torn
+  last line from such a kill is cut off when the resumed run reopens the
+  file. A resumed run re-logs the steps after its checkpoint: readers keep
+  the last record per step.
+  """
 
   def __init__(self, path: str):
     self.path = path
-    self._f = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    if os.path.exists(path):
+      with open(path, 'rb+') as f:
+        data = f.read()
+        if data and not data.endswith(b'\n'):
+          f.truncate(data.rfind(b'\n') + 1)
+    self._f = open(path, 'a', encoding='utf-8', buffering=1)  # pylint: disable=consider-using-with
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._f.write(json.dumps({'step': int(step),

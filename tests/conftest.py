@@ -26,6 +26,28 @@ def smoke_config(method: str, dataset: str = 'toy2d:8gaussians', **kw):
   return c
 
 
+def final_state(config, workdir):
+  """The newest checkpoint of a run, restored as host numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from onestep_bench import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from onestep_bench.method import load_method  # pylint: disable=g-import-not-at-top
+  ds = data.build(config.data)
+  method = load_method(config, ds.spec)
+  target = jax.eval_shape(method.init, jax.random.key(0), ds.sample(
+      jax.random.key(0), 2))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), target)
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    state = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
+  return None if state is None else jax.tree.map(np.asarray, state)
+
+
 @pytest.fixture(params=METHODS)
 def method_name(request):
   return request.param

@@ -188,6 +188,24 @@ def test_alternating_updates():
   assert step._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_static_phase_equals_cond():
+  """The static phase (one step per dispatch) gives the lax.cond result."""
+  ds, m = _method(_untrained())
+  assert m.step_cycle == m.mcfg.student_update_freq
+  s = jax.jit(m.init)(jax.random.key(0), None)
+  cond = jax.jit(m.train_step)
+  static = jax.jit(m.train_step, static_argnames='phase')
+  for i in range(2):  # a student step, then a critic step
+    b, k = ds.sample(jax.random.key(10 + i), 64), jax.random.key(20 + i)
+    a, ma = cond(s, b, k)
+    c, mc = static(s, b, k, phase=m.step_phase(i))
+    for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((c, mc)),
+                    strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                                 atol=1e-7)
+    s = a
+
+
 def test_multistep_student_nfe_and_backward_simulation():
   ds, m = _method(_untrained(**{'method.student_steps': 4}))
   assert m.supported_nfe == (1, 2, 4)

@@ -9,7 +9,6 @@ and compares with pytorch-fid's own network on random weights (no download).
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from onestep_bench.evaluators import convert_inception
 from onestep_bench.evaluators import inception as inc
+from onestep_bench.evaluators import torch_compat
 
 # ---------------------------------------------------------------------------
 # Fixtures.
@@ -251,48 +251,21 @@ def test_preprocess_identity_grayscale_and_dtype():
 # ---------------------------------------------------------------------------
 # Parity with pytorch-fid (optional extra: torch + pytorch-fid).
 
-_TORCH_LIBS = []  # keeps the torchvision op stubs alive
 
 
 def _import_torchvision():
-  """Imports torchvision; tolerates a C++ extension that does not load.
-
-  PyPI's torchvision 0.28.0 (a CUDA build) cannot load its C++ ops beside
-  the CPU torch 2.13.0 wheel, and its module-level `register_fake(
-  'torchvision::nms')` then raises "operator torchvision::nms does not
-  exist". The models (pure Python) are fine, so in that case we define the
-  two op schemas it registers fakes for and import it again; the detection
-  ops stay unusable, which pytorch-fid does not need.
-  """
-  torch = pytest.importorskip('torch')
+  pytest.importorskip('torch')
   try:
-    import torchvision  # pylint: disable=g-import-not-at-top
+    return torch_compat.import_torchvision()
   except ImportError:
     pytest.skip('torchvision is not installed')
-  except RuntimeError as e:
-    if 'torchvision::nms' not in str(e):
-      raise
-    for name in [m for m in sys.modules
-                 if m == 'torchvision' or m.startswith('torchvision.')]:
-      del sys.modules[name]
-    lib = torch.library.Library('torchvision', 'DEF')
-    for op in ('nms', 'qnms'):
-      lib.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) '
-                 '-> Tensor')
-    _TORCH_LIBS.append(lib)
-    import torchvision  # pylint: disable=g-import-not-at-top
-  return torchvision
 
 
-def _random_fid_inception(torch, pfi, monkeypatch):
+def _random_fid_inception(torch, pfi):
   """pytorch-fid's fid_inception_v3() on random, BN-calibrated weights."""
   torch.manual_seed(0)
-  # The FID blocks subclass torchvision's, so the plain skeleton has the
-  # exact state_dict keys: serve its random init in place of the download.
-  base = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-  monkeypatch.setattr(pfi, 'load_state_dict_from_url',
-                      lambda *a, **k: base.state_dict())
-  net = pfi.fid_inception_v3()
+  with torch_compat.random_fid_weights(pfi):
+    net = pfi.fid_inception_v3()
   bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   with torch.no_grad():
     for bn in bns:
@@ -325,7 +298,7 @@ def test_parity_with_pytorch_fid(tmp_path, monkeypatch):
   # A random FID Inception saved as a pytorch-fid checkpoint, then loaded by
   # pytorch-fid's own InceptionV3 through its own loading code.
   pth = str(tmp_path / 'random_inception.pth')
-  torch.save(_random_fid_inception(torch, pfi, monkeypatch).state_dict(), pth)
+  torch.save(_random_fid_inception(torch, pfi).state_dict(), pth)
   monkeypatch.setattr(
       pfi, 'load_state_dict_from_url',
       lambda *a, **k: torch.load(pth, map_location='cpu', weights_only=True))

@@ -7,10 +7,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import smoke_config
+from conftest import final_state, smoke_config
 
-from onestep_bench import checkpoint, data, train
-from onestep_bench.method import load_method
+from onestep_bench import train
 
 
 def test_smoke_run(method_name, tmp_path):
@@ -27,15 +26,6 @@ def test_smoke_run(method_name, tmp_path):
   assert (tmp_path / 'metrics.jsonl').exists()
 
 
-def _final_state(config, workdir):
-  ds = data.build(config.data)
-  method = load_method(config, ds.spec)
-  target = jax.eval_shape(method.init, jax.random.key(0), ds.sample(
-      jax.random.key(0), 2))
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
-  return checkpoint.Checkpointer(workdir).restore_latest(target)
-
-
 @pytest.mark.parametrize('name', ['flow_matching'])
 def test_resume_is_bitwise(name, tmp_path):
   config = smoke_config(name, **{'train.num_steps': 8,
@@ -46,7 +36,7 @@ def test_resume_is_bitwise(name, tmp_path):
   shutil.copytree(full, part)
   shutil.rmtree(os.path.join(part, 'checkpoints', '8'))
   s_part = train.train_and_evaluate(config, part)
-  a, b = _final_state(config, full), _final_state(config, part)
+  a, b = final_state(config, full), final_state(config, part)
   assert int(a.step) == int(b.step) == 8
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -86,19 +76,6 @@ def test_unsupported_eval_nfe_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match='has no value supported'):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
-
-
-def test_sharded_8_devices_matches_1_device(tmp_path):
-  assert jax.device_count() == 8
-  c1 = smoke_config('flow_matching', **{'train.num_steps': 4})
-  c8 = smoke_config('flow_matching', **{'train.num_steps': 4, 'mesh.data': 8})
-  train.train_and_evaluate(c1, str(tmp_path / 'a'))
-  train.train_and_evaluate(c8, str(tmp_path / 'b'))
-  a, b = _final_state(c1, str(tmp_path / 'a')), _final_state(
-      c8, str(tmp_path / 'b'))
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5,
-                               rtol=1e-5)
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

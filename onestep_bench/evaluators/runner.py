@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from onestep_bench import sharding
 from onestep_bench.data import Dataset
 from onestep_bench.flops import count_flops
 from onestep_bench.method import Method
@@ -71,14 +73,22 @@ def sample_labels(key: jax.Array, n: int, num_classes: int) -> jax.Array:
 
 def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
                  chunk: int, *, num_classes: int = 0,
-                 guidance: float | None = None
+                 guidance: float | None = None, mesh: Mesh | None = None
                  ) -> tuple[np.ndarray, dict[str, float]]:
   """N samples in jitted chunks of `chunk`; returns samples and cost info.
 
   With `num_classes > 0` every chunk is sampled with class-balanced labels
-  (`sample_labels`) and the CFG scale `guidance`.
+  (`sample_labels`) and the CFG scale `guidance`. With a `mesh` each chunk is
+  split over its devices (the batch axes, as in training); the samples are
+  the same as on one device because the sampler's noise is drawn inside the
+  program with partitionable threefry. Chunks not divisible by the device
+  count are sampled replicated.
   """
   chunk = min(chunk, n)
+  out_sharding = None
+  if mesh is not None:
+    out_sharding = (sharding.batch_sharded(mesh) if chunk % mesh.size == 0
+                    else sharding.replicated(mesh))
 
   def fn(p, k):
     labels = None
@@ -87,7 +97,8 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
       labels = sample_labels(k_lab, chunk, num_classes)
     return method.sample(p, k, chunk, nfe=nfe, labels=labels,
                          guidance=guidance)
-  compiled = jax.jit(fn).lower(params, key).compile()
+  compiled = jax.jit(fn, out_shardings=out_sharding).lower(params,
+                                                         key).compile()
   # jaxpr count, not compiled.cost_analysis(): XLA counts a scanned
   # sampler's loop body once, whatever the NFE.
   flops, _ = count_flops(fn, params, key)
@@ -96,7 +107,7 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
   for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
                 leave=False):
     out.append(compiled(params, jax.random.fold_in(key, i)))
-  samples = np.concatenate(jax.device_get(out))[:n]
+  samples = np.concatenate(sharding.to_host(out))[:n]
   dt = time.perf_counter() - t0
   return samples, {'ms_per_sample': 1e3 * dt / n,
                    'flops_per_sample': flops / chunk}
@@ -112,8 +123,13 @@ def backbone_flops(method: Method, params: Any) -> float:
 
 def evaluate(method: Method, params: Any, dataset: Dataset,
              evals: ml_collections.ConfigDict, workdir: str | None,
-             key: jax.Array, *, seed: int) -> list[dict[str, Any]]:
-  """Runs every configured eval; returns one record per (eval, nfe)."""
+             key: jax.Array, *, seed: int,
+             mesh: Mesh | None = None) -> list[dict[str, Any]]:
+  """Runs every configured eval; returns one record per (eval, nfe).
+
+  Sampling is sharded over `mesh` (None: one device); scoring runs on the
+  host of every process (cheap next to sampling), files on process 0 only.
+  """
   records = []
   fwd = backbone_flops(method, params)
   for name, ev in evals.items():
@@ -122,7 +138,7 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
       samples, cost = draw_samples(
           method, params, jax.random.fold_in(key, nfe), ev.n_samples, nfe,
           ev.get('batch_size', ev.n_samples),
-          num_classes=dataset.spec.num_classes, guidance=guidance)
+          num_classes=dataset.spec.num_classes, guidance=guidance, mesh=mesh)
       rec = {'eval': name, 'nfe': nfe, 'n_samples': int(ev.n_samples),
              'feature_net': feature_net(dataset, ev), 'guidance': guidance,
              **cost, 'backbone_flops': fwd,

@@ -1,0 +1,49 @@
+"""`make perf` machinery on tiny sizes: rows, ratios, CSV/markdown output.
+
+Timings here are not asserted (speed targets live in results/perf.csv, never
+in unit tests); only that every figure is produced, finite and written.
+"""
+
+import csv
+import math
+
+import pytest
+from absl import flags
+
+from experiments import perf
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['perf'])
+
+
+def test_perf_quick_writes_every_figure(tmp_path, cheap_classifier):
+  del cheap_classifier
+  p = perf.Perf(repeats=1, quick=True)
+  p.overhead('mlp')
+  p.methods('mlp', ['flow_matching', 'f_distill'], memory=True, step=True)
+  p.sampling('mlp', ['flow_matching'])
+  p.dispatch()
+  p.evaluator()
+  p.mfu()
+  p.write(str(tmp_path))
+  with open(tmp_path / 'perf.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  got = {(r['section'], r['method'], r['metric']): r for r in rows}
+  for key in [('overhead', 'flow_matching', 'harness_over_hand'),
+              ('methods', 'f_distill', 'step_over_flow_matching'),
+              ('memory', 'f_distill', 'peak_over_flow_matching'),
+              ('sampling', 'flow_matching', 'nfe1_over_forward_throughput'),
+              ('dispatch', 'flow_matching', 'speedup_100_over_1'),
+              ('evaluator', '', 'flax_images_per_s'),
+              ('evaluator', '', 'fid_256_end_to_end_s')]:
+    assert key in got, sorted(got)
+    v = float(got[key]['value'])
+    assert math.isfinite(v) and v > 0, (key, v)
+  assert got[('methods', 'flow_matching', 'step_over_flow_matching')][
+      'value'] == '1.0'
+  assert all(r['git_sha'] and r['device'] for r in rows)
+  assert 'error' not in {r['metric'] for r in rows}
+  assert (tmp_path / 'perf.md').read_text(encoding='utf-8').count('\n| ') > 5
