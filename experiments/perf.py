@@ -138,6 +138,15 @@ class Setup:
     self.key = jax.random.key(1)
     self.steps = 0
 
+  def cond_step_fn(self) -> Callable[[], Any]:
+    """One cycle with phase=None: the `lax.cond` path (before the fix)."""
+    def run():
+      for _ in range(self.method.step_cycle):
+        self.state, m = self.chunk(self.state, self.key, self.arrays, 1, None)
+        self.steps += 1
+      return m
+    return run
+
   def step_fn(self, n: int = 1) -> Callable[[], Any]:
     """Runs n harness train steps (state carried), as `train.py` does.
 
@@ -280,6 +289,14 @@ class Perf:
         self.add('methods', backbone, m, 'train_step_ms', 1e3 * sec, 'ms')
         self.add('methods', backbone, m, 'step_over_flow_matching',
                  sec / t['flow_matching'], 'ratio', target=targets.get(m))
+      for m, s in setups.items():  # alternating methods: cond vs static
+        if s.method.step_cycle > 1:
+          tc = interleaved({'static': s.step_fn(1), 'cond': s.cond_step_fn()},
+                           self.repeats)
+          self.add('methods', backbone, m, 'lax_cond_over_static_phase',
+                   tc['cond'] / tc['static'], 'ratio',
+                   detail='train step with lax.cond over update types / '
+                          'with the static phase the harness passes')
     if memory:
       mem = {m: s.memory() for m, s in setups.items()}
       base = mem.get('flow_matching', {}).get('peak_mib')

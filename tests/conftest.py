@@ -26,6 +26,30 @@ def smoke_config(method: str, dataset: str = 'toy2d:8gaussians', **kw):
   return c
 
 
+def method_setup(method: str, dataset: str = 'toy2d:gaussian', **kw):
+  """(config, dataset, method) of the smoke protocol."""
+  from onestep_bench import data  # pylint: disable=g-import-not-at-top
+  from onestep_bench.method import load_method  # pylint: disable=g-import-not-at-top
+  config = smoke_config(method, dataset, **kw)
+  ds = data.build(config.data)
+  return config, ds, load_method(config, ds.spec)
+
+
+def random_params(method, seed=0, scale=0.3):
+  """Init params plus noise (zero-init output layers make a fresh net's
+  output constant, which would hide bugs in maths tests)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def init(key):  # jitted: eager init dispatches one op at a time
+    params = method.net.init(key)
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree.unflatten(tdef, [
+        a + scale * jax.random.normal(k, a.shape)
+        for a, k in zip(leaves, keys, strict=True)])
+  return jax.jit(init)(jax.random.key(seed))
+
+
 def final_state(config, workdir):
   """The newest checkpoint of a run, restored as host numpy arrays."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -6,29 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_dots, smoke_config
+from conftest import count_dots, method_setup, random_params, smoke_config
 from scipy.integrate import solve_ivp
 
 from methods import meanflow as mf
-from onestep_bench import data
 from onestep_bench.data import DataSpec
 from onestep_bench.method import load_method
 
 
 def _setup(dataset='toy2d:gaussian', **kw):
-  config = smoke_config('meanflow', dataset, **kw)
-  ds = data.build(config.data)
-  return config, ds, load_method(config, ds.spec)
+  return method_setup('meanflow', dataset, **kw)
 
 
-def _random_params(method, seed=0, scale=0.3):
-  """Init params plus noise (the zero-init output layer makes u constant)."""
-  params = method.net.init(jax.random.key(seed))
-  leaves, tdef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tdef, [
-      a + scale * jax.random.normal(k, a.shape)
-      for a, k in zip(leaves, keys, strict=True)])
+_random_params = random_params
 
 
 # Dyadic times: t ± ε and t - r ± ε are exact in float32 for ε = 2^-8.

@@ -35,6 +35,7 @@ def test_perf_quick_writes_every_figure(tmp_path, cheap_classifier):
   for key in [('overhead', 'flow_matching', 'harness_over_hand'),
               ('methods', 'f_distill', 'step_over_flow_matching'),
               ('memory', 'f_distill', 'peak_over_flow_matching'),
+              ('methods', 'f_distill', 'lax_cond_over_static_phase'),
               ('sampling', 'flow_matching', 'nfe1_over_forward_throughput'),
               ('dispatch', 'flow_matching', 'speedup_100_over_1'),
               ('evaluator', '', 'flax_images_per_s'),

@@ -8,30 +8,18 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats
-from conftest import count_dots, smoke_config
+from conftest import count_dots, method_setup, random_params, smoke_config
 
 from methods import tvm
-from onestep_bench import data
 from onestep_bench.data import DataSpec
 from onestep_bench.method import load_method
 
 
 def _setup(dataset='toy2d:gaussian', **kw):
-  config = smoke_config('tvm', dataset, **kw)
-  ds = data.build(config.data)
-  return config, ds, load_method(config, ds.spec)
+  return method_setup('tvm', dataset, **kw)
 
 
-def _random_params(method, seed=0, scale=0.3):
-  """Init params plus noise (the zero-init output layer makes F constant)."""
-  def init(key):  # jitted: eager init dispatches one op at a time
-    params = method.net.init(key)
-    leaves, tdef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    return jax.tree.unflatten(tdef, [
-        a + scale * jax.random.normal(k, a.shape)
-        for a, k in zip(leaves, keys, strict=True)])
-  return jax.jit(init)(jax.random.key(seed))
+_random_params = random_params
 
 
 def _closed_form(spec):
