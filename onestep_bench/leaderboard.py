@@ -43,6 +43,10 @@ HIGHER_IS_BETTER = frozenset({'hq_frac', 'modes_covered', 'inception_score',
 HEADLINE_METRICS = ('mmd_rbf', 'energy_distance', 'hq_frac', 'modes_covered',
                     'mode_weight_tv', 'inception_score', 'precision', 'recall')
 MD_MAX_METRICS = 6
+# Recorded as a metric row per (eval, nfe): sampling FLOPs / FLOPs of one
+# backbone forward (runner.py). Shown beside NFE, never ranked.
+EFFECTIVE_NFE = 'effective_nfe'
+
 PROTOCOL_ORDER = ('bench', 'custom', 'ablation', 'smoke')  # Only bench ranks.
 _WIDE_ID = ('dataset', 'method', 'protocol', 'conditional', 'guidance', 'eval',
             'nfe', 'n_samples', 'feature_net', 'n_seeds', 'seeds')
@@ -83,7 +87,8 @@ def _count(metric: str) -> int:
 
 def primary_metric(metrics: Sequence[str]) -> str | None:
   """The ranking metric: first FID metric, else 'sliced_w2', else the first."""
-  ranked = [m for m in metrics if not m.endswith('_floor')]
+  ranked = [m for m in metrics
+            if not m.endswith('_floor') and m != EFFECTIVE_NFE]
   # 'fid' / 'fid_10k' (not 'fid_ci_lo_10k'); the largest sample count first.
   fids = sorted((m for m in ranked if re.fullmatch(r'fid(_\d+k?)?', m)),
                 key=lambda m: -_count(m))
@@ -185,7 +190,10 @@ def rows_from_summary(summary: Mapping[str, Any]) -> list[dict[str, str]]:
                                         'ms_per_sample', 'flops_per_sample')}
     if rec.get('guidance') is not None:  # per-eval CFG scale wins
       ev['guidance'] = _str(rec['guidance'])
-    for k, v in rec['metrics'].items():
+    metrics = dict(rec['metrics'])
+    if rec.get('effective_nfe') is not None:  # sampling FLOPs / 1 forward
+      metrics[EFFECTIVE_NFE] = rec['effective_nfe']
+    for k, v in metrics.items():
       try:
         value = float(v)
       except (TypeError, ValueError):
@@ -257,6 +265,17 @@ def _cell(r: Mapping[str, Any], m: str) -> str:
   return s + ('' if floor == '' else f' (floor {_num(floor):.2g})')
 
 
+def _shown_metrics(metrics: Sequence[str]) -> list[str]:
+  """Primary metric, then headline ones, then the rest; at most 6."""
+  prim = primary_metric(metrics)
+  rest = [m for m in metrics if not m.endswith('_floor')
+          and m not in (prim, EFFECTIVE_NFE)]
+  head = [m for m in rest if m in HEADLINE_METRICS or m.startswith(
+      ('fid', 'is_'))]
+  shown = [prim, *head, *(m for m in rest if m not in head)]
+  return [m for m in shown if m][:MD_MAX_METRICS]
+
+
 def markdown(tables: Tables) -> str:
   """LEADERBOARD.md from `aggregate`'s output."""
   out = ['# Leaderboard', '', '**Generated file, do not edit**: made from '
@@ -271,34 +290,37 @@ def markdown(tables: Tables) -> str:
     out.append('No runs recorded yet.')
   for ds in sorted(tables):
     wide, metrics = tables[ds]
-    prim = primary_metric(metrics)
-    rest = [m for m in metrics if not m.endswith('_floor') and m != prim]
-    head = [m for m in rest if m in HEADLINE_METRICS or m.startswith(
-        ('fid', 'is_'))]
-    shown = [prim, *head, *(m for m in rest if m not in head)]
-    shown = [m for m in shown if m][:MD_MAX_METRICS]
-    out += [f'## {ds}', '', f'Ranked by `{prim}` {arrow(prim or "")} within '
-            f'each NFE. All metrics: [leaderboard/{slug(ds)}.csv]'
+    out += [f'## {ds}', '', 'Ranked by the first metric column within each '
+            'NFE; one table per protocol and eval (different sample counts '
+            'are different metrics). `eff. NFE`: sampling FLOPs / one '
+            f'backbone forward. All metrics: [leaderboard/{slug(ds)}.csv]'
             f'(leaderboard/{slug(ds)}.csv).', '']
     sections = {}
     for r in wide:
-      sections.setdefault((r['protocol'], r['conditional'], r['guidance']),
-                          []).append(r)
-    for (p, cond, g), rs in sections.items():
+      sections.setdefault((r['protocol'], r['conditional'], r['guidance'],
+                           r['eval']), []).append(r)
+    for (p, cond, g, ev), rs in sections.items():
+      present = [m for m in metrics
+                 if any(r.get(f'{m}_mean', '') != '' for r in rs)]
+      shown = _shown_metrics(present)
+      rs = sorted(rs, key=lambda r, m=shown[0] if shown else None:
+                  _sort_key(r, m))
       title = (p if p == 'bench' else f'{p} (not comparable)') + (
           ', class-conditional' + (f', guidance {g}' if g else '')
-          if cond == 'true' else '')
+          if cond == 'true' else '') + f', eval `{ev}`'
       out += [f'### {title}', '',
-              '| method | NFE | samples | seeds | ' + ' | '.join(
+              '| method | NFE | eff. NFE | samples | seeds | ' + ' | '.join(
                   f'{m} {arrow(m)}' for m in shown) + ' | command |',
-              '|---' * (len(shown) + 5) + '|']
+              '|---' * (len(shown) + 6) + '|']
       for r in rs:  # Non-fixed protocols: one row per config, so name it.
         mark = ' †' if ' ' in r['config_hash'] else (
             '' if p in FIXED_PROTOCOLS else f' `{r["config_hash"]}`')
         cmd = str(r['command']).replace('|', '\\|')
-        out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {r["n_samples"]} | '
-                   f'{r["n_seeds"]} | ' + ' | '.join(_cell(r, m) for m in shown)
-                   + f' | `{cmd}` |')
+        eff = r.get(f'{EFFECTIVE_NFE}_mean', '')
+        eff = '–' if eff == '' else f'{_num(eff):.3g}'
+        out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {eff} | '
+                   f'{r["n_samples"]} | {r["n_seeds"]} | '
+                   + ' | '.join(_cell(r, m) for m in shown) + f' | `{cmd}` |')
       out.append('')
       if any(' ' in r['config_hash'] for r in rs):
         out += ['† seeds ran with different configs (see `config_hash` in '

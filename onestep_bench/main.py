@@ -35,7 +35,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'runs', config.method.name, config.data.name.replace(':', '_'),
       f'{config.protocol}_seed{config.seed}')
-  command = shlex.join(['python', '-m', 'onestep_bench.main', *sys.argv[1:]])
+  command = reproducing_command(sys.argv[1:])
   try:
     summary = train.train_and_evaluate(config, workdir, command=command)
   except USER_ERRORS as e:
@@ -55,6 +55,14 @@ def main(argv):
     print(f'RESULT {summary["method"]} {summary["dataset"]} nfe={rec["nfe"]} '
           + ' '.join(f'{k}={v:.4g}' for k, v in m.items()
                      if isinstance(v, float)))
+
+
+def reproducing_command(argv: list[str]) -> str:
+  """The command recorded with results: flags that only say where files go
+  (--workdir, --results_dir) are dropped, so it reproduces on any machine."""
+  keep = [a for a in argv
+          if not a.startswith(('--workdir', '--results_dir'))]
+  return shlex.join(['python', '-m', 'onestep_bench.main', *keep])
 
 
 # Failures the user can fix; each message names the fix (config errors,

@@ -31,7 +31,7 @@ def _summary(tmp_path, seed, sw2, method='method_a', n=1000, nfes=(1,),
       'workdir': str(wd),
       'evals': [{'eval': 'main', 'nfe': k, 'n_samples': n,
                  'feature_net': 'raw2d', 'ms_per_sample': 0.01,
-                 'flops_per_sample': 100.0,
+                 'flops_per_sample': 100.0, 'effective_nfe': float(k),
                  'samples_file': f'samples_nfe{k}.npz',
                  'metrics': {'n_samples': float(n), 'sliced_w2': sw2 / k,
                              'sliced_w2_floor': 0.01, 'hq_frac': 0.5}}
@@ -46,7 +46,8 @@ def test_mean_std_over_two_seeds(tmp_path):
   res = tmp_path / 'results'
   rows = lb.record(_summary(tmp_path, 0, 1.0), str(res))
   assert {r['metric'] for r in rows} == {'sliced_w2', 'sliced_w2_floor',
-                                         'hq_frac'}  # n_samples: a column
+                                        'hq_frac', 'effective_nfe'}
+  # (n_samples is a column, not a metric row)
   (one,) = _board(res)
   assert one['n_seeds'] == '1' and one['sliced_w2_std'] == ''
   lb.record(_summary(tmp_path, 1, 3.0), str(res))
@@ -56,7 +57,7 @@ def test_mean_std_over_two_seeds(tmp_path):
   assert float(row['hq_frac_std']) == pytest.approx(0.0)
   assert row['n_seeds'] == '2' and row['seeds'] == '0 1'
   assert row['command'] == 'make bench METHOD=method_a SEED=1'  # latest
-  assert len(lb.read_csv(str(res / 'runs.csv'))) == 6
+  assert len(lb.read_csv(str(res / 'runs.csv'))) == 8
 
 
 def test_rerecording_a_seed_replaces_it(tmp_path):
@@ -68,7 +69,7 @@ def test_rerecording_a_seed_replaces_it(tmp_path):
   assert float(row['sliced_w2_mean']) == pytest.approx(3.0)
   assert float(row['sliced_w2_std']) == pytest.approx(np.sqrt(8.0))
   assert row['n_seeds'] == '2'
-  assert len(lb.read_csv(str(res / 'runs.csv'))) == 9  # history is kept
+  assert len(lb.read_csv(str(res / 'runs.csv'))) == 12  # history is kept
 
 
 def test_different_sample_counts_never_aggregated(tmp_path):
@@ -110,7 +111,8 @@ def test_markdown(tmp_path):
   assert 'do not edit' in md and '`make leaderboard`' in md
   assert '## toy2d:8gaussians' in md
   assert 'sliced_w2 ↓' in md and 'hq_frac ↑' in md
-  assert '| method_a | 1 | 1000 | 2 | 2 ± 1.4 (floor 0.01) |' in md
+  assert '| method_a | 1 | 1 | 1000 | 2 | 2 ± 1.4 (floor 0.01) |' in md
+  assert 'effective_nfe ↓' not in md  # a column beside NFE, never ranked
   assert '`make bench METHOD=method_a SEED=1`' in md
   bench, smoke = md.split('### smoke (not comparable)')
   assert 'method_b' in smoke and 'method_b' not in bench
