@@ -485,21 +485,27 @@ def main(argv):
   if 'flow_matching' not in names:
     names = ['flow_matching', *names]
   secs = set(_SECTIONS.value)
+  out = _OUT.value
+  # Cheap, backbone-independent figures first; the file is rewritten after
+  # every part, so an interrupted run keeps what it measured.
+  if 'dispatch' in secs:
+    perf.dispatch()
+  if 'evaluator' in secs:
+    perf.evaluator()
+  perf.write(out)
   for bb in _BACKBONES.value:
     if 'overhead' in secs:
       perf.overhead(bb)
     if secs & {'methods', 'memory'}:
       perf.methods(bb, names, memory='memory' in secs,
                    step='methods' in secs)
+    perf.write(out)
     if 'sampling' in secs:
       perf.sampling(bb, names)
-  if 'dispatch' in secs:
-    perf.dispatch()
-  if 'evaluator' in secs:
-    perf.evaluator()
+    perf.write(out)
   if 'mfu' in secs:
     perf.mfu()
-  perf.write(_OUT.value)
+  perf.write(out)
   print(f'wrote {os.path.join(_OUT.value, "perf.csv")} '
         f'({len(perf.rows)} rows)')
 
