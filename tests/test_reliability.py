@@ -25,15 +25,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = 'experiments/bench.py:method={m},dataset={d},smoke=True'
 
 
-def _cli(args, *, env=None, timeout=300, wait=True):
-  """Runs the CLI from the repo root on one CPU device."""
+def _cli(args, *, env=None, timeout=300, wait=True, log=None):
+  """Runs the CLI from the repo root on one CPU device.
+
+  With wait=False the output goes to the file `log` (a pipe nobody reads
+  would fill up and block the child).
+  """
   full_env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu',
               **(env or {})}
   cmd = [sys.executable, '-m', 'onestep_bench.main', *args]
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    with open(log, 'w', encoding='utf-8') as f:
+      return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=f,
+                              stderr=subprocess.STDOUT)
   return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 
@@ -63,12 +67,18 @@ def test_kill_9_then_rerun_is_bitwise(tmp_path):
   done = _cli([*config, f'--workdir={ref}'])
   assert done.returncode == 0, done.stderr[-2000:]
   kill_at = random.Random().randint(25, 300)  # any step, printed on failure
-  proc = _cli([*config, f'--workdir={run}'], wait=False)
-  while proc.poll() is None and _logged_steps(run) < kill_at:
-    time.sleep(0.01)
-  assert proc.poll() is None, f'run ended before step {kill_at}'
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  proc = _cli([*config, f'--workdir={run}'], wait=False,
+              log=tmp_path / 'killed.log')
+  deadline = time.monotonic() + 600
+  while (proc.poll() is None and _logged_steps(run) < kill_at
+         and time.monotonic() < deadline):
+    time.sleep(0.05)
+  ended, timed_out = proc.poll() is not None, time.monotonic() >= deadline
+  if not ended:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+  assert not ended, f'run ended before step {kill_at}'
+  assert not timed_out, 'run made no progress in 600 s'
   killed_at = _logged_steps(run)
   saved = sorted(int(p.name) for p in (run / 'checkpoints').iterdir()
                  if p.name.isdigit())
