@@ -35,18 +35,24 @@ def method_setup(method: str, dataset: str = 'toy2d:gaussian', **kw):
   return config, ds, load_method(config, ds.spec)
 
 
+def perturb(params, key, scale=0.3):
+  """params + scale * N(0, 1) noise, one key per leaf (zero-init output
+  layers make a fresh net's output constant, which hides bugs in maths
+  tests)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, tdef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tdef, [
+      a + scale * jax.random.normal(k, a.shape)
+      for a, k in zip(leaves, keys, strict=True)])
+
+
 def random_params(method, seed=0, scale=0.3):
-  """Init params plus noise (zero-init output layers make a fresh net's
-  output constant, which would hide bugs in maths tests)."""
+  """Jitted init + `perturb` (eager init dispatches one op at a time)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  def init(key):  # jitted: eager init dispatches one op at a time
-    params = method.net.init(key)
-    leaves, tdef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    return jax.tree.unflatten(tdef, [
-        a + scale * jax.random.normal(k, a.shape)
-        for a, k in zip(leaves, keys, strict=True)])
+  def init(key):
+    return perturb(method.net.init(key), jax.random.fold_in(key, 1), scale)
   return jax.jit(init)(jax.random.key(seed))
 
 

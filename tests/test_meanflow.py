@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_dots, method_setup, smoke_config
+from conftest import count_dots, method_setup, perturb, smoke_config
 from scipy.integrate import solve_ivp
 
 from methods import meanflow as mf
@@ -19,14 +19,10 @@ def _setup(dataset='toy2d:gaussian', **kw):
 
 
 def _random_params(method, seed=0, scale=0.3):
-  """Init params plus noise, drawn eagerly (the JVP-vs-finite-difference
-  tolerances below were validated on these exact draws)."""
-  params = method.net.init(jax.random.key(seed))
-  leaves, tdef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tdef, [
-      a + scale * jax.random.normal(k, a.shape)
-      for a, k in zip(leaves, keys, strict=True)])
+  """Eager draws (the JVP-vs-finite-difference tolerances below were
+  validated on these exact draws)."""
+  return perturb(method.net.init(jax.random.key(seed)),
+                 jax.random.key(seed + 1), scale)
 
 
 # Dyadic times: t ± ε and t - r ± ε are exact in float32 for ε = 2^-8.
