@@ -2,8 +2,8 @@
 
 Each process sees 2 fake CPU devices (4 global); cross-process collectives
 use gloo (jax's CPU default). Only process 0 may write metrics, summary and
-results rows; checkpoints are written collectively by orbax. ~25 s (three
-interpreter starts plus compiles), so it runs in `make test`.
+results rows; checkpoints are written collectively by orbax. 42 s measured on a
+loaded 2-core box (three interpreter starts plus compiles): in `make test`.
 """
 
 import csv
