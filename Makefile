@@ -15,9 +15,11 @@ NFE     ?=
 EXP     ?=
 SWEEP   ?=
 ARGS    ?=
+WORKDIR ?=
+GUIDANCE ?=
 NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
 
-.PHONY: help install install-parity data bench bench-all sweep leaderboard perf test test-slow lint clean
+.PHONY: help install install-parity data bench eval bench-all sweep leaderboard perf test test-slow lint clean
 
 help:  ## Show this help.
 	@echo "onestep_bench: one-step generative models, benchmarked side by side."
@@ -67,6 +69,12 @@ bench: $(BENCH_DEPS)  ## Train + evaluate METHOD on DATASET, record results and 
 	$(PY) -m onestep_bench.main \
 	  --config=experiments/bench.py:method=$(METHOD),dataset=$(DATASET),seed=$(SEED) \
 	  $(NFE_FLAG) $(ARGS)
+
+# Re-score a finished run (no training): its rows keep the run's protocol.
+eval: install  ## Re-evaluate a finished run: make eval WORKDIR=runs/... [NFE=1,4 GUIDANCE=1.5 ARGS=...]
+	@test -n "$(WORKDIR)" || { echo "usage: make eval WORKDIR=<run dir with summary.json> [NFE=1,4] [GUIDANCE=a]"; exit 2; }
+	$(PY) -m onestep_bench.evaluate --workdir=$(WORKDIR) \
+	  $(if $(NFE),--nfe=$(NFE),) $(if $(GUIDANCE),--guidance=$(GUIDANCE),) $(ARGS)
 
 bench-all: install  ## `make bench` for every method in methods/.
 	@for m in $$($(PY) -c "from onestep_bench.method import available_methods as a; print(*a())"); do \

@@ -9,6 +9,8 @@ import os
 import shlex
 import sys
 import traceback
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -27,11 +29,8 @@ def main(argv):
   del argv
   sharding.maybe_initialize_distributed()
   config = _CONFIG.value
-  # Any override outside evals.* makes the run 'custom' (not leaderboard-
-  # comparable with the protocol's other rows).
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
-  if set(overrides) - {'evals'}:
-    config.protocol = 'custom'
+  config.protocol = protocol_after_overrides(config.protocol, overrides)
   workdir = _WORKDIR.value or os.path.join(
       'runs', config.method.name, config.data.name.replace(':', '_'),
       f'{config.protocol}_seed{config.seed}')
@@ -55,6 +54,23 @@ def main(argv):
     print(f'RESULT {summary["method"]} {summary["dataset"]} nfe={rec["nfe"]} '
           + ' '.join(f'{k}={v:.4g}' for k, v in m.items()
                      if isinstance(v, float)))
+
+
+# Overrides under these top-level keys keep the protocol: evaluation settings
+# (NFE, sample count, guidance) are recorded per row and never change what was
+# trained; the mesh is placement, not maths; the seed is a row column.
+PROTOCOL_NEUTRAL = frozenset({'evals', 'mesh', 'seed'})
+
+
+def protocol_after_overrides(protocol: str, overrides: Mapping[str, Any]
+                             ) -> str:
+  """'custom' if any override (flat dotted key) is outside PROTOCOL_NEUTRAL.
+
+  `config_flags.get_override_values` returns a nested dict in some versions
+  and flat dotted keys ('evals.main.nfe') in others: both are handled.
+  """
+  tops = {str(k).split('.', 1)[0] for k in overrides}
+  return protocol if tops <= PROTOCOL_NEUTRAL else 'custom'
 
 
 def reproducing_command(argv: list[str]) -> str:
