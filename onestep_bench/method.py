@@ -124,6 +124,17 @@ class Method:
   # slower than at top level. Inside a scan the phase is None.
   step_cycle: int = 1
 
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks the method's own keys (`config.method`) before any compute.
+
+    Called by the harness (`config_check.validate`) before `__init__`,
+    `prepare` or any compile. Raise `onestep_bench.config_check.ConfigError(
+    key, value, allowed, fix)` for a value the method cannot use. Default:
+    nothing to check.
+    """
+    del config
+
   def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
     self.config = config
     self.mcfg = config.method
