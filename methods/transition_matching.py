@@ -268,8 +268,9 @@ class Method(base.Method):
   def apply(self, params, x, t, h=None, y=None, g=None):
     """One backbone forward: X [B, *shape] -> representation [B, ..., rep].
 
-    `params` is the full {'backbone', 'head'} dict; this is the pass the
-    evaluator counts as one NFE (`runner.backbone_flops`).
+    `params` is the full {'backbone', 'head'} dict. Its rep_dim channels
+    make it costlier than the protocol's reference forward (the evaluator's
+    effective-NFE unit, `runner.reference_forward`), and that is counted.
     """
     pad = [(0, 0)] * (x.ndim - 1) + [(0, self.mcfg.rep_dim - self.chan)]
     return super().apply(params['backbone'], jnp.pad(x, pad), t, h, y, g)

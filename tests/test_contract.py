@@ -80,14 +80,15 @@ def test_unsupported_nfe_raises(method_name):
 
 
 def test_sampling_flops_scale_with_nfe(method_name):
-  """Effective NFE = sampling FLOPs / one backbone forward, counted through
-  the sampler's loops (XLA's cost analysis counts a loop body once)."""
+  """Effective NFE = sampling FLOPs / one forward of the protocol's reference
+  backbone, counted through the sampler's loops (XLA's cost analysis counts a
+  loop body once)."""
   from onestep_bench.evaluators import runner  # pylint: disable=g-import-not-at-top
   config = smoke_config(method_name)
   ds = data.build(config.data)
   method = load_method(config, ds.spec)
   params = method.init(jax.random.key(0), ds.sample(jax.random.key(0), 8)).params
-  fwd = runner.backbone_flops(method, params)
+  fwd = runner.reference_forward(config.model, ds.spec).flops
   assert fwd > 0
   eff = {}
   for nfe in (1, 2, 4):

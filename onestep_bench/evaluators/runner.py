@@ -5,12 +5,29 @@ method.supported_nfe`, the same code draws `n_samples` samples with
 `method.sample(ema_params, key, chunk, nfe=nfe)` in jitted chunks (the last
 chunk is sampled whole and sliced, never dropped), times them, reads the
 sampler's matmul/conv FLOPs (`flops.count_flops`, loops counted by trip
-count) and the effective NFE (those FLOPs / one backbone forward), saves `samples_nfe{k}.npz` in the
-workdir, and scores them with the dataset family's metrics.
+count), saves `samples_nfe{k}.npz` in the workdir, and scores them with the
+dataset family's metrics.
+
+Effective NFE = sampling FLOPs / FLOPs of one forward of the protocol's
+*reference backbone*: `models.build(config.model)` on the data's shape with
+the method-specific inputs switched off (no guidance embedder, no style
+tokens, no method heads or widened outputs). The denominator is therefore the
+same for every method of a protocol, and a method whose sampler runs a larger
+network (a head, padded channels, CFG's second pass) shows it as effective
+NFE > NFE. Inexact counts (a `while` loop of unknown trip count) are flagged
+`flops_exact=False` in every record.
+
+Every record also carries its provenance: the feature network and the sha256
+of its weights, a digest of the reference statistics' key, and the
+evaluator's settings (`eval_settings`), so rows of different feature spaces
+are never ranked together (leaderboard.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -24,8 +41,8 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from onestep_bench import sharding
-from onestep_bench.data import Dataset
+from onestep_bench import models, sharding
+from onestep_bench.data import Dataset, DataSpec
 from onestep_bench.flops import count_flops
 from onestep_bench.method import Method
 
@@ -101,7 +118,7 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
                                                          key).compile()
   # jaxpr count, not compiled.cost_analysis(): XLA counts a scanned
   # sampler's loop body once, whatever the NFE.
-  flops, _ = count_flops(fn, params, key)
+  flops, exact = count_flops(fn, params, key)
   out, t0 = [], time.perf_counter()
   steps = math.ceil(n / chunk)
   for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
@@ -110,28 +127,83 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
   samples = np.concatenate(sharding.to_host(out))[:n]
   dt = time.perf_counter() - t0
   return samples, {'ms_per_sample': 1e3 * dt / n,
-                   'flops_per_sample': flops / chunk}
+                   'flops_per_sample': flops / chunk, 'flops_exact': exact}
 
 
-def backbone_flops(method: Method, params: Any) -> float:
-  """Matmul/conv FLOPs of one backbone forward pass for one sample."""
-  spec = method.spec
-  x = jnp.zeros((1, *spec.shape), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32) if spec.num_classes else None
-  return count_flops(lambda p: method.apply(p, x, 0.5, 0.0, y), params)[0]
+# Backbone options that add method-specific inputs; off in the reference.
+_METHOD_INPUTS = {'guidance_embed': False, 'style_tokens': 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceForward:
+  """One forward of the protocol's reference backbone, for one sample."""
+
+  flops: float
+  params: int
+
+
+def reference_forward(model: ml_collections.ConfigDict,
+                      spec: DataSpec) -> ReferenceForward:
+  """FLOPs and params of `models.build(model, spec)`, method inputs off.
+
+  Shapes only (`jax.eval_shape`): nothing is allocated. Labels are passed
+  when the data has classes (the label embedding is part of every
+  conditional method's forward).
+  """
+  cfg = ml_collections.ConfigDict(model.to_dict())
+  for k, off in _METHOD_INPUTS.items():
+    if k in cfg:
+      cfg[k] = off
+  net = models.build(cfg, spec)
+  params = jax.eval_shape(net.init, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((1, *spec.shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  y = jax.ShapeDtypeStruct((1,), jnp.int32) if spec.num_classes else None
+  flops, _ = count_flops(lambda p, x, t, y: net.apply(p, x, t, t, y),
+                         params, x, t, y)
+  return ReferenceForward(flops=flops, params=net.num_params())
+
+
+def provenance(metrics: dict[str, Any], dataset: Dataset,
+               ev: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Feature space + reference statistics + evaluator settings of a score.
+
+  Pops the evaluator's `reference` and `settings` entries from `metrics`.
+  `ref_stats` is a 12-hex digest of the reference key (dataset, split, n,
+  content hash, feature net, weights hash): equal digests mean the same
+  statistics. Toy 2D data is scored against a fresh exact sample of the law.
+  """
+  ref = metrics.pop('reference', None)
+  settings = metrics.pop('settings', None) or {}
+  if ref is None:  # toy 2D: exact samples of the law, raw coordinates
+    key = {'law': dataset.spec.name, 'exact_sample': True}
+    weights = 'none'
+  else:
+    key = {k: v for k, v in ref.items() if k != 'cache'}
+    weights = str(ref.get('weights_sha256', ''))[:16]
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str)
+                          .encode()).hexdigest()[:12]
+  out = {'feature_net': feature_net(dataset, ev), 'feature_weights': weights,
+         'ref_stats': digest,
+         'eval_settings': ';'.join(f'{k}={settings[k]}'
+                                   for k in sorted(settings))}
+  if ref is not None:
+    out['reference'] = ref
+  return out
 
 
 def evaluate(method: Method, params: Any, dataset: Dataset,
              evals: ml_collections.ConfigDict, workdir: str | None,
-             key: jax.Array, *, seed: int,
-             mesh: Mesh | None = None) -> list[dict[str, Any]]:
+             key: jax.Array, *, seed: int, mesh: Mesh | None = None,
+             save_samples: bool = True) -> list[dict[str, Any]]:
   """Runs every configured eval; returns one record per (eval, nfe).
 
   Sampling is sharded over `mesh` (None: one device); scoring runs on the
-  host of every process (cheap next to sampling), files on process 0 only.
+  host of every process (cheap next to sampling), files on process 0 only
+  (and only with `save_samples`: in-training evaluations keep none).
   """
   records = []
-  fwd = backbone_flops(method, params)
+  ref = reference_forward(method.config.model, dataset.spec)
   for name, ev in evals.items():
     for nfe in eval_nfes(method, ev, name):
       guidance = ev.get('guidance', None)
@@ -140,13 +212,15 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           ev.get('batch_size', ev.n_samples),
           num_classes=dataset.spec.num_classes, guidance=guidance, mesh=mesh)
       rec = {'eval': name, 'nfe': nfe, 'n_samples': int(ev.n_samples),
-             'feature_net': feature_net(dataset, ev), 'guidance': guidance,
-             **cost, 'backbone_flops': fwd,
-             # Sampling cost in backbone forwards (TM's head, CFG's extra
-             # passes etc. included): comparable across methods.
-             'effective_nfe': cost['flops_per_sample'] / fwd if fwd else None,
+             'guidance': guidance, **cost,
+             'reference_flops': ref.flops, 'reference_params': ref.params,
+             # Sampling cost in reference-backbone forwards (heads, CFG's
+             # extra passes, wider outputs included): one denominator for
+             # every method of the protocol.
+             'effective_nfe': (cost['flops_per_sample'] / ref.flops
+                               if ref.flops else None),
              'samples_file': None}
-      if workdir is not None and jax.process_index() == 0:
+      if save_samples and workdir is not None and jax.process_index() == 0:
         rec['samples_file'] = f'samples_nfe{nfe}.npz'
         np.savez_compressed(os.path.join(workdir, rec['samples_file']),
                             x=samples)
@@ -155,9 +229,7 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           plots.image_grid(samples, os.path.join(workdir,
                                                  f'samples_nfe{nfe}.png'))
       rec['metrics'] = score(samples, dataset, seed, ev)
-      ref = rec['metrics'].pop('reference', None)
-      if ref is not None:
-        rec['reference'] = ref
+      rec.update(provenance(rec['metrics'], dataset, ev))
       logging.info('eval %s nfe=%d: %s', name, nfe, rec['metrics'])
       records.append(rec)
   return records
