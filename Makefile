@@ -28,22 +28,39 @@ help:  ## Show this help.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): setup.cfg pyproject.toml
+# Install stamps are keyed on content, not mtimes: each stamp file holds the
+# sha256 of setup.cfg + pyproject.toml it was installed from, and a stamp whose
+# key differs (or that is missing) is remade. A fresh clone (new mtimes, same
+# files) reinstalls nothing; an edit of either file reinstalls, and says so.
+INSTALL_KEY := $(shell cat setup.cfg pyproject.toml 2>/dev/null | \
+  { command -v sha256sum >/dev/null && sha256sum || shasum -a 256; } | cut -c1-64)
+PARITY_STAMP := $(VENV)/.installed-parity
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(INSTALL_KEY))
+.PHONY: $(STAMP)
+endif
+ifneq ($(shell cat $(PARITY_STAMP) 2>/dev/null),$(INSTALL_KEY))
+.PHONY: $(PARITY_STAMP)
+endif
+
+$(STAMP):
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found; install Python 3.11"; exit 1; }
+	@echo "install: $(VENV) missing or setup.cfg / pyproject.toml changed (key $(INSTALL_KEY)); installing."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	@touch $@
+	@echo $(INSTALL_KEY) > $@
 
 install: $(STAMP)  ## Create the venv and install the package (idempotent).
 
-# torch (CPU wheel) + torchvision + pytorch-fid, for the Inception parity test
-# only; never a runtime dependency.
-$(VENV)/.installed-parity: $(STAMP)
+# torch + torchvision + pytorch-fid (setup.cfg [parity]), for the Inception
+# parity test and `make perf` only; never a runtime dependency. Keyed like
+# $(STAMP); the order-only prerequisite installs the base first.
+$(PARITY_STAMP): | $(STAMP)
+	@echo "install-parity: [parity] extra missing or setup.cfg / pyproject.toml changed; installing."
 	$(PY) -m pip install -q -e '.[test,parity]'
-	@touch $@
+	@echo $(INSTALL_KEY) > $@
 
-install-parity: $(VENV)/.installed-parity  ## + the [parity] extra (torch CPU, pytorch-fid).
+install-parity: $(PARITY_STAMP)  ## + the [parity] extra (torch, torchvision, pytorch-fid).
 
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 data:  ## Install the offline datasets (Fashion-MNIST from Debian's dataset-fashion-mnist).
