@@ -103,7 +103,7 @@ sweep: install  ## Run sweeps SWEEP (comma list) of experiments/EXP.py.
 	$(PY) -m onestep_bench.sweeps --exp=$(EXP) --sweep=$(SWEEP) $(ARGS)
 
 leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, plots.
-	$(PY) -m onestep_bench.leaderboard --results_dir results
+	$(PY) -m onestep_bench.results --results_dir results
 
 # Speed / memory ratios measured side by side (experiments/perf.py); pytorch-fid
 # is the evaluator's baseline. Subsets: ARGS="--sections=methods --backbones=unet".

@@ -23,11 +23,21 @@ DEFAULTS = {'method': 'flow_matching', 'dataset': 'toy2d:8gaussians',
 # Per-dataset-family budget: (backbone, train, evals). Toy 2D: 3x128 residual
 # MLP, batch 1024 exact samples per step, 4000 AdamW steps (a run of any
 # method takes ~1-2 min on 2 CPU cores), scored on 10k samples.
+# Method-specific backbone inputs, declared off so a run can switch them on
+# (`--config.model.guidance_embed=True` for a CFG-trained generator). The
+# effective-NFE reference forward always has them off (runner.py).
+_METHOD_INPUTS = dict(guidance_embed=False, style_tokens=0, style_vocab=64)
+# In-training evaluations (onestep_bench/curve.py): quality vs training
+# FLOPs at these fractions of the budget, on a small sample count; the last
+# point (1.0) is the final params, so a late collapse is flagged `regressed`.
+_CURVE = dict(fractions=(0.125, 0.25, 0.5, 1.0), nfe=(1, 4), n_samples=2000,
+              regress_factor=2.0)
 _TOY = dict(
     model=dict(name='mlp', width=128, depth=3, freq_dim=32),
     train=dict(num_steps=4000, batch_size=1024, lr=1e-3, warmup_steps=100,
                schedule='cosine'),
     evals=dict(main=dict(nfe=(1, 2, 4, 100), n_samples=10_000)),
+    curve=_CURVE,
 )
 
 
@@ -57,7 +67,8 @@ _IMAGES = {
         model=_UNET_SMALL,
         train=dict(_IMAGE_TRAIN, num_steps=3000, batch_size=128,
                    warmup_steps=100, checkpoint_every_steps=1000),
-        evals=dict(main=_IMAGE_EVAL, nfe_sweep=_NFE_SWEEP)),
+        evals=dict(main=_IMAGE_EVAL, nfe_sweep=_NFE_SWEEP),
+        curve=dict(_CURVE, n_samples=1000)),
     'fashion_mnist': dict(
         model=dict(_UNET_SMALL, channel_mult=(1, 2, 2)),
         train=dict(_IMAGE_TRAIN, num_steps=1200, batch_size=64,
@@ -65,7 +76,8 @@ _IMAGES = {
         # 28x28 sampling costs ~12x digits: a 1k-sample NFE sweep to 32.
         evals=dict(main=dict(_IMAGE_EVAL, n_samples=5000),
                    nfe_sweep=dict(_NFE_SWEEP, nfe=(1, 2, 4, 8, 16, 32),
-                                  n_samples=1000))),
+                                  n_samples=1000)),
+        curve=dict(_CURVE, n_samples=1000)),
 }
 _IMAGES['mnist'] = _IMAGES['fashion_mnist']
 # Method options that differ on images (experiments may name methods; the
@@ -76,7 +88,12 @@ _IMAGE_METHOD_PRESETS = {'meanflow': 'PY_MEANFLOW_CIFAR10_V1',
 
 
 def parse_args(arg_string: str) -> dict[str, str]:
-  """'k=v,k=v' -> dict, with defaults; unknown keys raise."""
+  """'k=v,k=v' -> dict, with defaults; unknown keys raise.
+
+  `seed` must be a non-negative int and `smoke` a bool (true/false, 1/0,
+  yes/no, any case; returned as 'True' / 'False'), else a ConfigError.
+  """
+  from onestep_bench.config_check import ConfigError  # pylint: disable=g-import-not-at-top
   args = dict(DEFAULTS)
   for item in filter(None, (arg_string or '').split(',')):
     key, sep, value = item.partition('=')
@@ -84,6 +101,20 @@ def parse_args(arg_string: str) -> dict[str, str]:
       raise ValueError(f'Bad config argument {item!r}: expected k=v with k in '
                        f'{sorted(DEFAULTS)}.')
     args[key] = value
+  example = 'e.g. --config=experiments/bench.py:method=...,'
+  try:
+    seed = int(args['seed'])
+  except ValueError:
+    seed = -1
+  if seed < 0:
+    raise ConfigError('seed', args['seed'], 'must be a non-negative int',
+                      example + 'seed=0')
+  args['seed'] = str(seed)
+  smoke = args['smoke'].strip().lower()
+  if smoke not in ('1', 'true', 'yes', '0', 'false', 'no'):
+    raise ConfigError('smoke', args['smoke'], 'must be a bool (True / False, '
+                      '1 / 0, yes / no)', example + 'smoke=True')
+  args['smoke'] = str(smoke in ('1', 'true', 'yes'))
   return args
 
 
@@ -106,7 +137,7 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   c.protocol = 'smoke' if smoke else 'bench'
   c.data = ml_collections.ConfigDict({'name': args['dataset'], 'dir': '',
                                       'conditional': False, 'hflip': False})
-  c.model = ml_collections.ConfigDict(proto['model'])
+  c.model = ml_collections.ConfigDict({**_METHOD_INPUTS, **proto['model']})
   c.train = ml_collections.ConfigDict(dict(
       num_steps=0, batch_size=0, lr=0.0, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=0, schedule='constant', grad_clip=0.0,
@@ -116,6 +147,7 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
       max_nonfinite_steps=0))   # stop at the first non-finite loss
   c.train.update(proto['train'])
   c.evals = ml_collections.ConfigDict(proto['evals'])
+  c.curve = ml_collections.ConfigDict(proto['curve'])
   for ev in c.evals.values():  # CFG scale (a result column); None = no CFG
     if 'guidance' not in ev:
       ev.guidance = ml_collections.config_dict.placeholder(float)
@@ -146,6 +178,7 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
                      freq_dim=16)
     c.train.update(num_steps=8, batch_size=64, steps_per_dispatch=4,
                    log_every_steps=4, checkpoint_every_steps=4, warmup_steps=2)
+    c.curve.update(fractions=(), nfe=(1,), n_samples=256)  # tests opt in
     for ev in c.evals.values():
       ev.update(nfe=(1, 2), n_samples=512)
       if family != 'toy2d':

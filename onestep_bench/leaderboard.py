@@ -1,59 +1,74 @@
 """Results store: runs.csv (long) -> per-dataset leaderboards + LEADERBOARD.md.
 
-`record(summary)` appends one row per (run, eval, nfe, metric) to
-`results/runs.csv` under an exclusive lock (temp file, fsync, os.replace: no
-lost or torn rows under concurrent sweeps), then regenerates
-`results/leaderboard/<dataset>.csv` (latest row per seed, mean/std over
-seeds), `results/LEADERBOARD.md` and the plots. Schema: results/README.md.
+`rows_from_summary(summary)` turns a run's summary.json into runs.csv rows:
+one per (eval, nfe, metric) of the final evaluation, plus one per in-training
+curve point (`eval=curve`, with its `step` and FLOPs). `rebuild` regenerates
+`results/leaderboard/<dataset>.csv` (latest row per seed, mean / std / 95% CI
+over seeds) and `results/LEADERBOARD.md`. Recording and the CLI live in
+`onestep_bench/results.py`; CSV locking in `csvstore.py`. Schema:
+results/README.md.
 
-  python -m onestep_bench.leaderboard [--results_dir results]
+What is never ranked together: rows of different feature spaces (feature
+net, its weights hash, reference statistics, evaluator settings), sample
+counts, protocols, conditioning or guidance; rows from uncommitted code
+(`git_sha` ending in `+dirty`) sit on their own `<protocol>+dirty` board.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
 import datetime
-import fcntl
-import io
 import math
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
+
+from onestep_bench.csvstore import atomic_write, csv_text, locked, read_csv
 
 RUN_COLUMNS = [
     'timestamp', 'method', 'dataset', 'protocol', 'conditional', 'guidance',
-    'seed', 'eval', 'nfe', 'n_samples', 'feature_net', 'metric', 'value',
-    'steps', 'batch_size', 'examples_seen', 'params', 'train_wall_s',
-    'train_step_ms', 'ms_per_sample', 'flops_per_sample', 'device', 'git_sha',
-    'config_hash', 'command', 'workdir']
+    'seed', 'eval', 'nfe', 'n_samples', 'feature_net', 'feature_weights',
+    'ref_stats', 'eval_settings', 'metric', 'value', 'step', 'steps',
+    'batch_size', 'examples_seen', 'params', 'reference_params',
+    'train_wall_s', 'train_step_ms', 'train_step_flops', 'train_flops',
+    'total_train_flops', 'train_flops_exact', 'ms_per_sample',
+    'flops_per_sample', 'flops_exact', 'reference_flops', 'regressed',
+    'device', 'git_sha', 'config_hash', 'command', 'workdir']
+# The feature space of a score: rows differing in any of these are never
+# aggregated or ranked together.
+FEATURE_SPACE = ('feature_net', 'feature_weights', 'ref_stats',
+                 'eval_settings')
 # One leaderboard row per distinct value of these (+ the config hash for
 # protocols other than `FIXED_PROTOCOLS`: their configs differ by design).
-GROUP = ('method', 'protocol', 'conditional', 'guidance', 'eval', 'nfe',
-         'n_samples', 'feature_net')
+GROUP = ('method', 'board', 'conditional', 'guidance', 'eval', 'nfe',
+         'n_samples', *FEATURE_SPACE)
 FIXED_PROTOCOLS = ('bench', 'smoke')
+CURVE_EVAL = 'curve'  # in-training points: plotted (plots.py), never ranked
+DIRTY = '+dirty'
 HIGHER_IS_BETTER = frozenset({'hq_frac', 'modes_covered', 'inception_score',
                               'is', 'precision', 'recall'})
 # Shown in LEADERBOARD.md after the primary metric (the CSVs have them all).
 HEADLINE_METRICS = ('mmd_rbf', 'energy_distance', 'hq_frac', 'modes_covered',
                     'mode_weight_tv', 'inception_score', 'precision', 'recall')
-MD_MAX_METRICS = 6
+MD_MAX_METRICS = 5
 # Recorded as a metric row per (eval, nfe): sampling FLOPs / FLOPs of one
-# backbone forward (runner.py). Shown beside NFE, never ranked.
+# forward of the protocol's reference backbone (runner.py). Never ranked.
 EFFECTIVE_NFE = 'effective_nfe'
 
-PROTOCOL_ORDER = ('bench', 'custom', 'ablation', 'smoke')  # Only bench ranks.
-_WIDE_ID = ('dataset', 'method', 'protocol', 'conditional', 'guidance', 'eval',
-            'nfe', 'n_samples', 'feature_net', 'n_seeds', 'seeds')
+# Only `bench` ranks; `bench+dirty` (uncommitted code) is listed apart.
+PROTOCOL_ORDER = ('bench', 'bench+dirty', 'custom', 'ablation', 'smoke')
+_WIDE_ID = ('dataset', 'method', 'board', 'protocol', 'conditional',
+            'guidance', 'eval', 'nfe', 'n_samples', *FEATURE_SPACE,
+            'n_seeds', 'seeds')
 _PER_RUN = ('ms_per_sample', 'flops_per_sample', 'train_wall_s',
-            'train_step_ms')  # Wide CSV: mean over seeds.
-_WIDE_TAIL = (*_PER_RUN, 'params', 'steps', 'examples_seen', 'config_hash',
-              'git_sha', 'command')
+            'train_step_ms', 'train_flops',
+            'total_train_flops')  # Wide CSV: mean over seeds.
+_WIDE_TAIL = (*_PER_RUN, 'params', 'reference_params', 'flops_exact',
+              'train_flops_exact', 'regressed', 'steps', 'examples_seen',
+              'config_hash', 'git_sha', 'command')
 Tables = dict[str, tuple[list[dict[str, Any]], list[str]]]  # ds: rows, metrics
 
 
@@ -96,87 +111,37 @@ def primary_metric(metrics: Sequence[str]) -> str | None:
   return prefs[0] if prefs else None
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-  """Exclusive fcntl lock on `path + '.lock'` (serializes all writers)."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path + '.lock', 'a', encoding='utf-8') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `data` to `path` via a temp file in the same dir + os.replace."""
-  d = os.path.dirname(path) or '.'
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path),
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from others.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-
-
-def _csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
-              header: bool = True) -> str:
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, list(columns), lineterminator='\n')
-  if header:
-    w.writeheader()
-  w.writerows(rows)  # Unknown keys raise ValueError; missing ones are ''.
-  return buf.getvalue()
-
-
-def read_csv(path: str) -> list[dict[str, str]]:
-  """Rows of a CSV file as dicts ([] if the file does not exist)."""
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8', newline='') as f:
-    return list(csv.DictReader(f))
-
-
-def atomic_append(path: str, rows: list[dict[str, Any]],
-                  columns: list[str]) -> None:
-  """Appends `rows` to the CSV at `path`; safe under concurrent writers.
-
-  Raises:
-    ValueError: the existing header differs from `columns`, or a row has a
-      key that is not a column.
-  """
-  new = _csv_text(rows, columns, header=False)  # Validate before locking.
-  with _locked(path):
-    old = ''
-    if os.path.exists(path):
-      with open(path, encoding='utf-8', newline='') as f:
-        old = f.read()
-    if old:
-      header = next(csv.reader(io.StringIO(old)))
-      if header != list(columns):
-        raise ValueError(
-            f'{path} has columns {header}, expected {list(columns)}; refusing '
-            'to mix schemas. Move the old file aside (or migrate it) first.')
-      old += '' if old.endswith('\n') else '\n'
-    else:
-      old = _csv_text([], columns)
-    atomic_write(path, old + new)
-
-
 def _str(v: Any) -> str:
   return '' if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _eval_rows(base: Mapping[str, str], rec: Mapping[str, Any],
+               extra: Mapping[str, Any]) -> list[dict[str, str]]:
+  """One row per numeric metric of an eval record."""
+  n = int(rec['n_samples'])
+  ev = {c: _str(rec.get(c)) for c in (
+      'eval', 'nfe', *FEATURE_SPACE, 'ms_per_sample', 'flops_per_sample',
+      'flops_exact', 'reference_flops')}
+  ev.update({k: _str(v) for k, v in extra.items()})
+  if rec.get('guidance') is not None:  # per-eval CFG scale wins
+    ev['guidance'] = _str(rec['guidance'])
+  metrics = dict(rec['metrics'])
+  if rec.get('effective_nfe') is not None:
+    metrics[EFFECTIVE_NFE] = rec['effective_nfe']
+  rows = []
+  for k, v in metrics.items():
+    try:
+      value = float(v)
+    except (TypeError, ValueError):
+      continue  # Non-scalar diagnostics are not leaderboard metrics.
+    if k != 'n_samples':  # Already a column.
+      rows.append({**base, **ev, 'n_samples': str(n), 'value': repr(value),
+                   'metric': metric_name(k, n)})
+  return rows
+
+
 def rows_from_summary(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-  """summary.json -> runs.csv rows, one per (eval, nfe, numeric metric)."""
+  """summary.json -> runs.csv rows: final evals, then curve points."""
   dev = summary.get('device', '')
   if isinstance(dev, Mapping):
     dev = ':'.join(str(dev.get(k, '')) for k in ('platform', 'kind', 'count'))
@@ -185,38 +150,45 @@ def rows_from_summary(summary: Mapping[str, Any]) -> list[dict[str, str]]:
   base.update(timestamp=now, device=dev)
   rows = []
   for rec in summary.get('evals', []):
-    n = int(rec['n_samples'])
-    ev = {c: _str(rec.get(c)) for c in ('eval', 'nfe', 'feature_net',
-                                        'ms_per_sample', 'flops_per_sample')}
-    if rec.get('guidance') is not None:  # per-eval CFG scale wins
-      ev['guidance'] = _str(rec['guidance'])
-    metrics = dict(rec['metrics'])
-    if rec.get('effective_nfe') is not None:  # sampling FLOPs / 1 forward
-      metrics[EFFECTIVE_NFE] = rec['effective_nfe']
-    for k, v in metrics.items():
-      try:
-        value = float(v)
-      except (TypeError, ValueError):
-        continue  # Non-scalar diagnostics are not leaderboard metrics.
-      if k != 'n_samples':  # Already a column.
-        rows.append({**base, **ev, 'n_samples': str(n), 'value': repr(value),
-                     'metric': metric_name(k, n)})
+    rows += _eval_rows(base, rec, {'step': summary.get('steps')})
+  for rec in summary.get('curve', []):
+    rows += _eval_rows(base, rec, {
+        'eval': CURVE_EVAL, 'step': rec['step'],
+        'train_flops': rec.get('train_flops'),
+        'total_train_flops': rec.get('total_train_flops'),
+        'regressed': ''})
   return rows
+
+
+def board(r: Mapping[str, str]) -> str:
+  """The table a row belongs to: its protocol (+dirty: uncommitted code)."""
+  return r['protocol'] + (DIRTY if r.get('git_sha', '').endswith(DIRTY)
+                          else '')
 
 
 def _num(x: Any) -> float:
   return math.nan if x in ('', None) else float(x)
 
 
-def _mean_std(v: Sequence[float]) -> tuple[float, float | str]:
-  return (float(np.mean(v)),
-          float(np.std(v, ddof=1)) if len(v) > 1 else '')
+def _mean_std_ci(v: Sequence[float]) -> tuple[float, Any, Any]:
+  """Mean, sample std (ddof 1) and 95% t-interval half-width ('' for n=1)."""
+  if len(v) < 2:
+    return float(np.mean(v)), '', ''
+  sd = float(np.std(v, ddof=1))
+  return (float(np.mean(v)), sd,
+          float(stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v))))
 
 
 def aggregate(rows: Iterable[Mapping[str, str]]) -> Tables:
-  """runs.csv rows -> {dataset: (sorted wide rows, metric names)}."""
+  """runs.csv rows -> {dataset: (sorted wide rows, metric names)}.
+
+  Curve rows (`eval=curve`) are skipped: they are plotted, never ranked.
+  """
   latest, order = {}, {}
   for r in rows:  # File order: a later row for the same seed replaces it.
+    if r['eval'] == CURVE_EVAL:
+      continue
+    r = {**r, 'board': board(r)}
     variant = '' if r['protocol'] in FIXED_PROTOCOLS else r['config_hash']
     key = (r['dataset'], variant, *(r[c] for c in GROUP), r['metric'],
            r['seed'])
@@ -229,18 +201,23 @@ def aggregate(rows: Iterable[Mapping[str, str]]) -> Tables:
   tables: Tables = {ds: ([], list(ms)) for ds, ms in order.items()}
   for rs in groups.values():
     last = rs[-1]  # The most recently recorded row of the group.
-    row: dict[str, Any] = {c: last[c] for c in (*_WIDE_ID[:9], *_WIDE_TAIL)}
+    row: dict[str, Any] = {c: last[c] for c in (*_WIDE_ID[:-2], *_WIDE_TAIL)}
     seeds = sorted({r['seed'] for r in rs}, key=lambda s: (len(s), s))
     row.update(n_seeds=len(seeds), seeds=' '.join(seeds),
-               config_hash=' '.join(sorted({r['config_hash'] for r in rs})))
+               config_hash=' '.join(sorted({r['config_hash'] for r in rs})),
+               flops_exact=_all_true(rs, 'flops_exact'),
+               train_flops_exact=_all_true(rs, 'train_flops_exact'),
+               regressed=' '.join(sorted({r['seed'] for r in rs
+                                          if r['regressed'] == 'true'})))
     values = {}
     for r in rs:
       values.setdefault(r['metric'], []).append(float(r['value']))
     for m, v in values.items():
-      row[f'{m}_mean'], row[f'{m}_std'] = _mean_std(v)
+      row[f'{m}_mean'], row[f'{m}_std'], row[f'{m}_ci95'] = _mean_std_ci(v)
     for c in _PER_RUN:  # One value per seed.
       per_seed = {r['seed']: float(r[c]) for r in rs if r[c] != ''}
-      row[c] = _mean_std(list(per_seed.values()))[0] if per_seed else ''
+      row[c] = (_mean_std_ci(list(per_seed.values()))[0] if per_seed
+                else '')
     tables[last['dataset']][0].append(row)
   for wide, metrics in tables.values():
     prim = primary_metric(metrics)
@@ -248,8 +225,14 @@ def aggregate(rows: Iterable[Mapping[str, str]]) -> Tables:
   return tables
 
 
+def _all_true(rs: Sequence[Mapping[str, str]], col: str) -> str:
+  """'false' if any seed says false, '' if none recorded, else 'true'."""
+  vals = {r[col] for r in rs} - {''}
+  return '' if not vals else 'false' if 'false' in vals else 'true'
+
+
 def _sort_key(r: Mapping[str, Any], prim: str | None) -> tuple[Any, ...]:
-  p = r['protocol']
+  p = r['board']
   rank = PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else 99
   v = _num(r.get(f'{prim}_mean', '')) * (-1 if arrow(prim or '') == '↑' else 1)
   return (rank, p, int(r['nfe']), math.isnan(v), 0.0 if math.isnan(v) else v,
@@ -266,7 +249,7 @@ def _cell(r: Mapping[str, Any], m: str) -> str:
 
 
 def _shown_metrics(metrics: Sequence[str]) -> list[str]:
-  """Primary metric, then headline ones, then the rest; at most 6."""
+  """Primary metric, then headline ones, then the rest; at most 5."""
   prim = primary_metric(metrics)
   rest = [m for m in metrics if not m.endswith('_floor')
           and m not in (prim, EFFECTIVE_NFE)]
@@ -276,51 +259,102 @@ def _shown_metrics(metrics: Sequence[str]) -> list[str]:
   return [m for m in shown if m][:MD_MAX_METRICS]
 
 
+def _flops(x: Any) -> str:
+  return '–' if x in ('', None) else f'{_num(x):.2e}'
+
+
+def _cost_cells(r: Mapping[str, Any]) -> list[str]:
+  """Effective NFE (*: inexact), total train FLOPs, params (‡: > ref)."""
+  eff = r.get(f'{EFFECTIVE_NFE}_mean', '')
+  eff = '–' if eff == '' else f'{_num(eff):.3g}' + (
+      '*' if r.get('flops_exact') == 'false' else '')
+  own, total = r.get('train_flops', ''), r.get('total_train_flops', '')
+  train = _flops(total if total != '' else own) + (
+      f' (own {_flops(own)})' if total not in ('', own) and own != ''
+      and _num(total) > 1.001 * _num(own) else '')
+  if r.get('train_flops_exact') == 'false':
+    train += '*'
+  p, ref = _num(r.get('params', '')), _num(r.get('reference_params', ''))
+  params = '–' if math.isnan(p) else f'{p / 1e3:.4g}k'
+  if not math.isnan(ref) and p > 1.001 * ref:
+    params += f' ‡{p / ref:.2f}×'
+  return [eff, train, params]
+
+
+_MD_INTRO = [
+    '# Leaderboard', '', '**Generated file, do not edit**: made from '
+    '`runs.csv` by `make leaderboard` (and by every `make bench`). '
+    'Schema and conventions: [README.md](README.md).', '',
+    'Mean ± std over seeds (ddof=1; no ± for one seed; 95% CIs in the CSVs). '
+    '↓ lower is better, ↑ higher is better. `floor`: the score of an exact '
+    'sample of the same size (a perfect model scores the floor, not 0). '
+    '`eff. NFE`: sampling FLOPs / one forward of the protocol\'s reference '
+    'backbone (the same unit for every method; `*` = inexact count). '
+    '`train FLOPs`: the jitted train step counted on its jaxpr × steps, plus '
+    'the runs the method depends on (teacher, encoder pre-training; `own` = '
+    'this run alone). `‡k×`: the model has k× the reference backbone\'s '
+    'parameters. ⚠ `regressed`: the final score is worse than 2× the '
+    'run\'s best in-training score. Each table is one feature space '
+    '(feature net + weights hash + reference statistics + evaluator '
+    'settings); only `bench` tables are the headline, rows from uncommitted '
+    'code (`bench+dirty`) and other protocols are listed apart and are not '
+    'comparable.', '']
+
+
+def _section_title(key: tuple[str, ...]) -> str:
+  b, cond, g, ev, n, fnet, fw, ref, _ = key
+  title = b if b == 'bench' else f'{b} (not comparable)'
+  if cond == 'true':
+    title += ', class-conditional' + (f', guidance {g}' if g else '')
+  return (f'{title}, eval `{ev}` ({n} samples), features `{fnet}` '
+          f'(weights `{fw[:8]}`, ref `{ref[:8]}`)')
+
+
 def markdown(tables: Tables) -> str:
   """LEADERBOARD.md from `aggregate`'s output."""
-  out = ['# Leaderboard', '', '**Generated file, do not edit**: made from '
-         '`runs.csv` by `make leaderboard` (and by every `make bench`). '
-         'Schema and conventions: [README.md](README.md).', '',
-         'Mean ± std over seeds (ddof=1; no ± for one seed). ↓ lower is '
-         'better, ↑ higher is better. `floor`: the score of an exact sample '
-         'of the same size (a perfect model scores the floor, not 0). Only '
-         '`bench` rows are the headline; other protocols are listed '
-         'separately and are not comparable.', '']
+  out = list(_MD_INTRO)
   if not tables:
     out.append('No runs recorded yet.')
   for ds in sorted(tables):
     wide, metrics = tables[ds]
     out += [f'## {ds}', '', 'Ranked by the first metric column within each '
-            'NFE; one table per protocol and eval (different sample counts '
-            'are different metrics). `eff. NFE`: sampling FLOPs / one '
-            f'backbone forward. All metrics: [leaderboard/{slug(ds)}.csv]'
-            f'(leaderboard/{slug(ds)}.csv).', '']
-    sections = {}
+            'NFE. All metrics: '
+            f'[leaderboard/{slug(ds)}.csv](leaderboard/{slug(ds)}.csv).', '']
+    sections: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in wide:
-      sections.setdefault((r['protocol'], r['conditional'], r['guidance'],
-                           r['eval']), []).append(r)
-    for (p, cond, g, ev), rs in sections.items():
+      sections.setdefault((r['board'], r['conditional'], r['guidance'],
+                           r['eval'], r['n_samples'],
+                           *(r[c] for c in FEATURE_SPACE)), []).append(r)
+    spaces: dict[tuple[str, ...], int] = {}
+    for key in sections:
+      spaces[key[:4]] = spaces.get(key[:4], 0) + 1
+    for key, rs in sections.items():
       present = [m for m in metrics
                  if any(r.get(f'{m}_mean', '') != '' for r in rs)]
       shown = _shown_metrics(present)
       rs = sorted(rs, key=lambda r, m=shown[0] if shown else None:
                   _sort_key(r, m))
-      title = (p if p == 'bench' else f'{p} (not comparable)') + (
-          ', class-conditional' + (f', guidance {g}' if g else '')
-          if cond == 'true' else '') + f', eval `{ev}`'
-      out += [f'### {title}', '',
-              '| method | NFE | eff. NFE | samples | seeds | ' + ' | '.join(
-                  f'{m} {arrow(m)}' for m in shown) + ' | command |',
-              '|---' * (len(shown) + 6) + '|']
+      out += [f'### {_section_title(key)}', '']
+      if spaces[key[:4]] > 1:
+        out += ['Another table of this eval uses a different feature space '
+                'or sample count (weights, reference statistics or '
+                'evaluator settings): the tables are not comparable.', '']
+      out += ['| method | NFE | eff. NFE | samples | seeds | ' + ' | '.join(
+          f'{m} {arrow(m)}' for m in shown)
+              + ' | train FLOPs | params | command |',
+              '|---' * (len(shown) + 8) + '|']
+      fixed = key[0].removesuffix(DIRTY) in FIXED_PROTOCOLS
       for r in rs:  # Non-fixed protocols: one row per config, so name it.
         mark = ' †' if ' ' in r['config_hash'] else (
-            '' if p in FIXED_PROTOCOLS else f' `{r["config_hash"]}`')
+            '' if fixed else f' `{r["config_hash"]}`')
+        if r.get('regressed'):
+          mark += f' ⚠ regressed (seed {r["regressed"]})'
         cmd = str(r['command']).replace('|', '\\|')
-        eff = r.get(f'{EFFECTIVE_NFE}_mean', '')
-        eff = '–' if eff == '' else f'{_num(eff):.3g}'
+        eff, train, params = _cost_cells(r)
         out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {eff} | '
                    f'{r["n_samples"]} | {r["n_seeds"]} | '
-                   + ' | '.join(_cell(r, m) for m in shown) + f' | `{cmd}` |')
+                   + ' | '.join(_cell(r, m) for m in shown)
+                   + f' | {train} | {params} | `{cmd}` |')
       out.append('')
       if any(' ' in r['config_hash'] for r in rs):
         out += ['† seeds ran with different configs (see `config_hash` in '
@@ -332,45 +366,16 @@ def rebuild(results_dir: str = 'results',
             datasets: Sequence[str] | None = None) -> list[str]:
   """Regenerates leaderboard CSVs (for `datasets`, default all) + the .md."""
   runs = os.path.join(results_dir, 'runs.csv')
-  with _locked(runs):  # No stale rebuild can overwrite a newer one.
+  with locked(runs):  # No stale rebuild can overwrite a newer one.
     tables = aggregate(read_csv(runs))
     written = []
     for ds in tables if datasets is None else datasets:
       if ds in tables:
         path = os.path.join(results_dir, 'leaderboard', slug(ds) + '.csv')
         wide, metrics = tables[ds]
-        cols = [f'{m}_{s}' for m in metrics for s in ('mean', 'std')]
-        atomic_write(path, _csv_text(wide, [*_WIDE_ID, *cols, *_WIDE_TAIL]))
+        cols = [f'{m}_{s}' for m in metrics for s in ('mean', 'std', 'ci95')]
+        atomic_write(path, csv_text(wide, [*_WIDE_ID, *cols, *_WIDE_TAIL]))
         written.append(path)
     md = os.path.join(results_dir, 'LEADERBOARD.md')
     atomic_write(md, markdown(tables))
   return [*written, md]
-
-
-def record(summary: Mapping[str, Any],
-           results_dir: str = 'results') -> list[dict[str, str]]:
-  """Appends a run's rows to runs.csv, regenerates its dataset's outputs."""
-  from onestep_bench import plots  # pylint: disable=g-import-not-at-top
-
-  rows = rows_from_summary(summary)
-  atomic_append(os.path.join(results_dir, 'runs.csv'), rows, RUN_COLUMNS)
-  rebuild(results_dir, datasets=[summary['dataset']])
-  plots.run_figures(summary, results_dir)
-  plots.regenerate(results_dir, datasets=[summary['dataset']])
-  return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """CLI: rebuilds every leaderboard, LEADERBOARD.md and the plots."""
-  from onestep_bench import plots  # pylint: disable=g-import-not-at-top
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--results_dir', default='results',
-                      help='Directory holding runs.csv (default: results).')
-  args = parser.parse_args(argv)
-  for path in [*rebuild(args.results_dir), *plots.regenerate(args.results_dir)]:
-    print(path)
-
-
-if __name__ == '__main__':
-  main()

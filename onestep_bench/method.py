@@ -152,6 +152,16 @@ class Method:
     """
     del dataset
 
+  def upstream_compute(self) -> dict[str, float | None]:
+    """Training FLOPs of the runs this method's result depends on.
+
+    Called after `prepare`. E.g. a distilled student's teacher run, a frozen
+    feature encoder's pre-training: {name: FLOPs, or None if unknown}. The
+    harness adds them to this run's own train FLOPs (`total_train_flops`),
+    so "best at what cost" counts the whole pipeline. Default: none.
+    """
+    return {}
+
   def init(self, key: jax.Array, example_batch: Batch) -> TrainState:
     """Initial state: fresh backbone params, optimizer state, EMA = params."""
     del example_batch

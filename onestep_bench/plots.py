@@ -1,8 +1,10 @@
 """Result figures: small PNGs under results/plots/, written atomically.
 
 Scatters of a run's 2-D samples (`run_figures`, called by
-`leaderboard.record`) and a metric vs NFE per dataset leaderboard
-(`regenerate`, called by `make leaderboard` and `record`).
+`results.record`) and, per dataset (`regenerate`, called by `make
+leaderboard` and `record`): the primary metric vs NFE, vs training FLOPs
+(the in-training curve points: quality vs training compute) and vs sampling
+FLOPs per sample (the Pareto view of quality vs inference cost).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import numpy as np  # noqa: E402
 
 from onestep_bench import leaderboard  # noqa: E402
+from onestep_bench.csvstore import atomic_write, read_csv  # noqa: E402
 
 DPI = 80
 MAX_POINTS = 5000
@@ -31,7 +34,7 @@ def _save(fig: Any, path: str) -> str:
   buf = io.BytesIO()
   fig.savefig(buf, dpi=DPI, format='png', bbox_inches='tight')
   plt.close(fig)
-  leaderboard.atomic_write(path, buf.getvalue())
+  atomic_write(path, buf.getvalue())
   return path
 
 
@@ -128,7 +131,7 @@ def metric_vs_nfe(leaderboard_csv_path: str, metric: str, path: str,
   (one line per method and per protocol, eval, n_samples, ... within it).
   Returns the path, or None when there is nothing to plot.
   """
-  rows = [r for r in leaderboard.read_csv(leaderboard_csv_path)
+  rows = [r for r in read_csv(leaderboard_csv_path)
           if r.get(f'{metric}_mean')]
   protocol = protocol or ('bench' if any(r['protocol'] == 'bench'
                                          for r in rows) else None)
@@ -166,10 +169,91 @@ def metric_vs_nfe(leaderboard_csv_path: str, metric: str, path: str,
   return _save(fig, path)
 
 
+def _bench_final(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+  """Wide rows of the headline: bench board, eval `main`."""
+  return [r for r in rows if r.get('board', r['protocol']) == 'bench'
+          and r['eval'] == 'main']
+
+
+def _fmt_title(stem: str, what: str) -> str:
+  return f'{stem.replace("__", ":")}: {what}'
+
+
+def metric_vs_train_flops(runs: list[dict[str, str]], dataset: str,
+                          path: str) -> str | None:
+  """Curve points (bench board): primary metric vs total training FLOPs.
+
+  One line per (method, NFE), mean over seeds at each step. Returns the
+  path, or None without curve points.
+  """
+  pts = [r for r in runs if r['dataset'] == dataset
+         and r['eval'] == leaderboard.CURVE_EVAL
+         and leaderboard.board(r) == 'bench']
+  metric = leaderboard.primary_metric(sorted({r['metric'] for r in pts}))
+  pts = [r for r in pts if r['metric'] == metric and r['total_train_flops']]
+  if not pts:
+    return None
+  latest: dict[tuple[str, ...], dict[str, str]] = {}
+  for r in pts:  # a re-run seed replaces its points
+    latest[(r['method'], r['nfe'], r['seed'], r['step'])] = r
+  lines: dict[tuple[str, str], dict[int, list[dict[str, str]]]] = {}
+  for (m, nfe, _, step), r in latest.items():
+    lines.setdefault((m, nfe), {}).setdefault(int(step), []).append(r)
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  for (m, nfe), by_step in sorted(lines.items()):
+    steps = sorted(by_step)
+    x = [np.mean([float(r['total_train_flops']) for r in by_step[s]])
+         for s in steps]
+    y = [np.mean([float(r['value']) for r in by_step[s]]) for s in steps]
+    ax.plot(x, y, marker='o', ms=3, ls='-' if nfe == '1' else '--',
+            label=f'{m} NFE {nfe}')
+  ax.set(xscale='log', yscale='log', xlabel='training FLOPs (incl. teacher / '
+         'encoder runs)', ylabel=f'{metric} {leaderboard.arrow(metric)} '
+         f'({pts[0]["n_samples"]} samples)')
+  ax.set_title(_fmt_title(leaderboard.slug(dataset), 'quality vs training '
+                          'compute (bench)'), fontsize=9)
+  ax.legend(fontsize=6, ncol=2)
+  return _save(fig, path)
+
+
+def metric_vs_sampling_flops(leaderboard_csv_path: str, metric: str,
+                             path: str) -> str | None:
+  """Pareto view: `metric` vs sampling FLOPs per sample (bench, eval main).
+
+  One line per method through its NFEs, mean ± std over seeds.
+  """
+  rows = [r for r in _bench_final(read_csv(leaderboard_csv_path))
+          if r.get(f'{metric}_mean') and r.get('flops_per_sample')]
+  if not rows:
+    return None
+  by_method: dict[str, list[dict[str, str]]] = {}
+  for r in rows:
+    by_method.setdefault(r['method'], []).append(r)
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  for m, rs in sorted(by_method.items()):
+    rs.sort(key=lambda r: float(r['flops_per_sample']))
+    ax.errorbar([float(r['flops_per_sample']) for r in rs],
+                [float(r[f'{metric}_mean']) for r in rs],
+                yerr=[float(r[f'{metric}_std'] or 0) for r in rs], marker='o',
+                ms=3, capsize=2, label=m)
+    for r in rs:
+      ax.annotate(r['nfe'], (float(r['flops_per_sample']),
+                             float(r[f'{metric}_mean'])), fontsize=6,
+                  xytext=(2, 2), textcoords='offset points')
+  ax.set(xscale='log', yscale='log', xlabel='sampling FLOPs per sample '
+         '(labels: NFE)', ylabel=f'{metric} {leaderboard.arrow(metric)}')
+  stem = os.path.basename(leaderboard_csv_path)[:-4]
+  ax.set_title(_fmt_title(stem, 'quality vs sampling cost (bench)'),
+               fontsize=9)
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
 def regenerate(results_dir: str = 'results',
                datasets: Sequence[str] | None = None) -> list[str]:
-  """Primary metric vs NFE of each leaderboard (or of `datasets`)."""
+  """Per leaderboard (or `datasets`): metric vs NFE / train / sample FLOPs."""
   out = []
+  runs = read_csv(os.path.join(results_dir, 'runs.csv'))
   for f in sorted(glob.glob(os.path.join(results_dir, 'leaderboard', '*.csv'))):
     stem = os.path.basename(f)[:-4]
     if datasets is not None and stem not in map(leaderboard.slug, datasets):
@@ -184,6 +268,16 @@ def regenerate(results_dir: str = 'results',
     for metric in dict.fromkeys(m for m in metrics if m):
       p = metric_vs_nfe(f, metric, os.path.join(
           results_dir, 'plots', f'{stem}__{metric}_vs_nfe.png'))
+      out += [p] if p else []
+    prim = leaderboard.primary_metric(names)
+    if prim:
+      p = metric_vs_sampling_flops(f, prim, os.path.join(
+          results_dir, 'plots', f'{stem}__{prim}_vs_sampling_flops.png'))
+      out += [p] if p else []
+    dataset = next((r['dataset'] for r in read_csv(f)), None)
+    if dataset:
+      p = metric_vs_train_flops(runs, dataset, os.path.join(
+          results_dir, 'plots', f'{stem}__quality_vs_train_flops.png'))
       out += [p] if p else []
   return out
 

@@ -27,8 +27,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from onestep_bench import checkpoint, data, sharding, writers
+from onestep_bench import checkpoint, curve, data, sharding, writers
 from onestep_bench.evaluators import runner
+from onestep_bench.flops import count_flops
 from onestep_bench.method import Method, TrainState, load_method
 
 
@@ -85,6 +86,7 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
+  """Versions of the libraries that ran (recorded in the summary)."""
   import flax
   import optax
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,multiple-imports
@@ -99,11 +101,14 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
 
   Without this, rerunning a changed config in the same workdir would restore
   the old final checkpoint and record its scores under the new config hash.
-  `evals` may differ (re-evaluating a trained run at other NFEs is fine).
+  `evals` and `curve` may differ (re-evaluating a trained run at other NFEs
+  is fine), and so may the protocol label.
   """
   path = os.path.join(workdir, 'run_config.json')
   train_only = ml_collections.ConfigDict(config.to_dict())
-  del train_only['evals']
+  for k in ('evals', 'curve', 'protocol'):  # evaluation only / a label
+    if k in train_only:
+      del train_only[k]
   ident = {'train_config_hash': config_hash(train_only),
            'seed': int(config.seed)}
   if os.path.exists(path):
@@ -119,19 +124,11 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
       json.dump(ident, f)
 
 
-def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
-                     state_sharding: Any):
-  """jit(state, root_key, arrays, n, phase) -> (state, metrics), n steps.
-
-  `phase` (static, only for n == 1) is `method.step_phase(step)` when the
-  method alternates update types (`step_cycle` > 1), else None.
+def make_step_fn(method: Method, dataset: data.Dataset, mesh, batch: int):
+  """one_step(root_key, arrays, phase, state, _) -> (state, metrics).
 
   The batch is sampled inside the program and constrained to the batch axes,
-  so each device draws only its slice (threefry is partitionable); the state
-  keeps `state_sharding` (replicated, or FSDP-sharded) across steps.
-
-  `arrays` (the dataset's device-resident data) is an argument rather than a
-  closure so a 50 MB image set is not baked into the program as a constant.
+  so each device draws only its slice (threefry is partitionable).
   """
   def one_step(root_key, arrays, phase, state: TrainState, _):
     data_key, method_key = jax.random.split(
@@ -142,6 +139,38 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
     if phase is None:
       return method.train_step(state, b, method_key)
     return method.train_step(state, b, method_key, phase=phase)
+  return one_step
+
+
+def train_step_flops(method: Method, one_step, state: TrainState,
+                     root_key: jax.Array, arrays: Any) -> tuple[float, bool]:
+  """Matmul/conv FLOPs of one training step (global batch), and exactness.
+
+  Counted on the jaxpr of the real step (`flops.count_flops`): forward,
+  backward, JVPs, teacher / critic / fake-score passes, frozen-encoder
+  features — whatever the method's `train_step` runs. A method alternating
+  update types (`step_cycle` = C > 1) is counted per phase and averaged, as
+  each phase runs 1/C of the steps.
+  """
+  phases = range(method.step_cycle) if method.step_cycle > 1 else [None]
+  counts = [count_flops(lambda s, k, a, p=p: one_step(k, a, p, s, None),
+                        state, root_key, arrays) for p in phases]
+  return (sum(c[0] for c in counts) / len(counts),
+          all(c[1] for c in counts))
+
+
+def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
+                     state_sharding: Any):
+  """jit(state, root_key, arrays, n, phase) -> (state, metrics), n steps.
+
+  `phase` (static, only for n == 1) is `method.step_phase(step)` when the
+  method alternates update types (`step_cycle` > 1), else None. The state
+  keeps `state_sharding` (replicated, or FSDP-sharded) across steps.
+
+  `arrays` (the dataset's device-resident data) is an argument rather than a
+  closure so a 50 MB image set is not baked into the program as a constant.
+  """
+  one_step = make_step_fn(method, dataset, mesh, batch)
 
   @functools.partial(jax.jit, static_argnums=(3, 4), donate_argnums=0)
   def chunk(state, root_key, arrays, n, phase=None):
@@ -220,19 +249,34 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.write_hparams(config.to_dict())
+  upstream = method.upstream_compute()
 
   # ---------------------------------------------------------------- train
   chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size,
                               state_sharding)
   arrays = jax.device_put(dataset.arrays, repl)
+  step_flops, step_flops_exact = train_step_flops(
+      method, make_step_fn(method, dataset, mesh, tc.batch_size), state,
+      train_key, arrays)
+  up_known = all(v is not None for v in upstream.values())
+  up_total = sum(v for v in upstream.values() if v is not None)
+  curve_evals = curve.eval_config(config)
+  curve_at = (curve.steps(tc.num_steps, config.curve.fractions)
+              if curve_evals else [])
+  points = curve.load(workdir) if curve_evals else []
+  done = {p['step'] for p in points}
   step = int(state.step)
   t_start, t_steady, steps_timed, first = time.perf_counter(), 0.0, 0, True
+  t_curve = 0.0
   bar = tqdm(total=tc.num_steps, initial=step, desc='train', unit='step',
              disable=not is_main, dynamic_ncols=True, mininterval=1.0)
   while step < tc.num_steps:
     # Chunks end on checkpoint boundaries so every save sees a whole chunk.
     ce = tc.checkpoint_every_steps
     n = min(tc.steps_per_dispatch, tc.num_steps - step, ce - step % ce)
+    nxt = next((c for c in curve_at if c > step), None)
+    if nxt is not None:  # chunks also end on curve points
+      n = min(n, nxt - step)
     t0 = time.perf_counter()
     phase = (method.step_phase(step)
              if n == 1 and method.step_cycle > 1 else None)
@@ -262,6 +306,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
       writer.write_scalars(step, scalars)
       bar.set_postfix(loss=f'{scalars["loss"]:.4g}')
+    if step in curve_at and step not in done:
+      t_c = time.perf_counter()
+      try:
+        recs = runner.evaluate(method, state.ema_params, dataset,
+                               curve_evals, None,
+                               jax.random.fold_in(eval_key, step),
+                               seed=config.seed, mesh=mesh,
+                               save_samples=False)
+      except ValueError as e:  # e.g. non-finite samples: no score, go on
+        logging.warning('Curve point at step %d not scored: %s', step, e)
+        recs = []
+      flops_here = step_flops * step
+      for rec in recs:
+        rec.update(step=step, train_flops=flops_here,
+                   total_train_flops=(flops_here + up_total if up_known
+                                      else None))
+        writer.write_scalars(step, {f'curve/nfe{rec["nfe"]}/{k}': v
+                                    for k, v in rec['metrics'].items()})
+      points += recs
+      done.add(step)
+      if is_main:
+        curve.save(workdir, points)
+      t_curve += time.perf_counter() - t_c
     if step % ce == 0 or step == tc.num_steps or ckpt.reached_preemption(step):
       ckpt.save(step, state, force=True)
       if ckpt.reached_preemption(step):
@@ -269,7 +336,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise SystemExit(f'Preempted at step {step}; checkpoint saved.')
   bar.close()
   ckpt.wait()
-  t_train = time.perf_counter() - t_start
+  t_train = time.perf_counter() - t_start - t_curve
   writer.flush()
 
   # ---------------------------------------------------------------- eval
@@ -281,6 +348,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 for k, v in rec['metrics'].items()})
 
   # ---------------------------------------------------------------- summary
+  train_flops = step_flops * step
+  ref = runner.reference_forward(config.model, dataset.spec)
+  cc = config.get('curve') or {}
+  reg = curve.regressed(points, float(cc.get('regress_factor', 2.0)))
+  if reg['regressed']:
+    logging.warning('Run regressed (final score > %.3g x its best curve '
+                    'point): %s', cc.get('regress_factor', 2.0),
+                    reg['detail'])
   summary = {
       'method': config.method.name, 'dataset': config.data.name,
       'seed': int(config.seed), 'protocol': config.get('protocol', 'custom'),
@@ -294,6 +369,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'mesh': dict(mesh.shape)},
       'steps': step, 'batch_size': int(tc.batch_size),
       'examples_seen': step * int(tc.batch_size), 'params': int(num_params),
+      'reference_params': ref.params,
+      # Training compute: FLOPs of the jitted step (counted on its jaxpr) x
+      # steps; total adds the runs this one depends on (teacher, encoder).
+      'train_step_flops': step_flops, 'train_flops': train_flops,
+      'train_flops_exact': step_flops_exact, 'upstream_flops': upstream,
+      'total_train_flops': train_flops + up_total if up_known else None,
+      'regressed': reg['regressed'], 'regressed_detail': reg['detail'],
+      'curve': points,
       'train_wall_s': round(t_train, 3),
       'train_step_ms': (round(1e3 * t_steady / steps_timed, 4)
                         if steps_timed else None),

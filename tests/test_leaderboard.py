@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from onestep_bench import csvstore, results
 from onestep_bench import leaderboard as lb
 
 DS = 'toy2d:8gaussians'
@@ -44,13 +45,13 @@ def _board(res):
 
 def test_mean_std_over_two_seeds(tmp_path):
   res = tmp_path / 'results'
-  rows = lb.record(_summary(tmp_path, 0, 1.0), str(res))
+  rows = results.record(_summary(tmp_path, 0, 1.0), str(res))
   assert {r['metric'] for r in rows} == {'sliced_w2', 'sliced_w2_floor',
                                         'hq_frac', 'effective_nfe'}
   # (n_samples is a column, not a metric row)
   (one,) = _board(res)
   assert one['n_seeds'] == '1' and one['sliced_w2_std'] == ''
-  lb.record(_summary(tmp_path, 1, 3.0), str(res))
+  results.record(_summary(tmp_path, 1, 3.0), str(res))
   (row,) = _board(res)
   assert float(row['sliced_w2_mean']) == pytest.approx(2.0)
   assert float(row['sliced_w2_std']) == pytest.approx(np.sqrt(2.0))
@@ -62,9 +63,9 @@ def test_mean_std_over_two_seeds(tmp_path):
 
 def test_rerecording_a_seed_replaces_it(tmp_path):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 1.0), str(res))
-  lb.record(_summary(tmp_path, 1, 3.0), str(res))
-  lb.record(_summary(tmp_path, 1, 5.0), str(res))  # re-run of seed 1
+  results.record(_summary(tmp_path, 0, 1.0), str(res))
+  results.record(_summary(tmp_path, 1, 3.0), str(res))
+  results.record(_summary(tmp_path, 1, 5.0), str(res))  # re-run of seed 1
   (row,) = _board(res)
   assert float(row['sliced_w2_mean']) == pytest.approx(3.0)
   assert float(row['sliced_w2_std']) == pytest.approx(np.sqrt(8.0))
@@ -74,8 +75,8 @@ def test_rerecording_a_seed_replaces_it(tmp_path):
 
 def test_different_sample_counts_never_aggregated(tmp_path):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 1.0, n=1000), str(res))
-  lb.record(_summary(tmp_path, 1, 3.0, n=5000), str(res))
+  results.record(_summary(tmp_path, 0, 1.0, n=1000), str(res))
+  results.record(_summary(tmp_path, 1, 3.0, n=5000), str(res))
   rows = _board(res)
   assert sorted(r['n_samples'] for r in rows) == ['1000', '5000']
   assert all(r['n_seeds'] == '1' for r in rows)
@@ -85,17 +86,17 @@ def test_different_sample_counts_never_aggregated(tmp_path):
 def test_custom_configs_not_aggregated_but_bench_seeds_are(tmp_path):
   res = tmp_path / 'results'
   for seed, h in [(0, 'aaa'), (1, 'bbb')]:
-    lb.record(_summary(tmp_path, seed, 1.0, protocol='custom',
+    results.record(_summary(tmp_path, seed, 1.0, protocol='custom',
                        config_hash=h), str(res))
   assert [r['n_seeds'] for r in _board(res)] == ['1', '1']
 
 
 def test_rows_sorted_by_protocol_nfe_then_primary(tmp_path):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 9.0, 'method_a', nfes=(1, 2),
+  results.record(_summary(tmp_path, 0, 9.0, 'method_a', nfes=(1, 2),
                      protocol='smoke'), str(res))
-  lb.record(_summary(tmp_path, 0, 4.0, 'method_a', nfes=(1, 2)), str(res))
-  lb.record(_summary(tmp_path, 0, 2.0, 'method_b', nfes=(1,)), str(res))
+  results.record(_summary(tmp_path, 0, 4.0, 'method_a', nfes=(1, 2)), str(res))
+  results.record(_summary(tmp_path, 0, 2.0, 'method_b', nfes=(1,)), str(res))
   got = [(r['protocol'], r['nfe'], r['method']) for r in _board(res)]
   assert got == [('bench', '1', 'method_b'), ('bench', '1', 'method_a'),
                  ('bench', '2', 'method_a'), ('smoke', '1', 'method_a'),
@@ -104,14 +105,14 @@ def test_rows_sorted_by_protocol_nfe_then_primary(tmp_path):
 
 def test_markdown(tmp_path):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 1.0, 'method_a'), str(res))
-  lb.record(_summary(tmp_path, 1, 3.0, 'method_a'), str(res))
-  lb.record(_summary(tmp_path, 0, 2.0, 'method_b', protocol='smoke'), str(res))
+  results.record(_summary(tmp_path, 0, 1.0, 'method_a'), str(res))
+  results.record(_summary(tmp_path, 1, 3.0, 'method_a'), str(res))
+  results.record(_summary(tmp_path, 0, 2.0, 'method_b', protocol='smoke'), str(res))
   md = (res / 'LEADERBOARD.md').read_text(encoding='utf-8')
   assert 'do not edit' in md and '`make leaderboard`' in md
   assert '## toy2d:8gaussians' in md
   assert 'sliced_w2 ↓' in md and 'hq_frac ↑' in md
-  assert '| method_a | 1 | 1 | 1000 | 2 | 2 ± 1.4 (floor 0.01) |' in md
+  assert '| method_a | 1 | 1 | 1000 | 2 | 2 ± 1.4 (floor 0.01) |' in md, md
   assert 'effective_nfe ↓' not in md  # a column beside NFE, never ranked
   assert '`make bench METHOD=method_a SEED=1`' in md
   bench, smoke = md.split('### smoke (not comparable)')
@@ -121,11 +122,11 @@ def test_markdown(tmp_path):
 
 def test_header_mismatch_raises(tmp_path):
   p = str(tmp_path / 'x.csv')
-  lb.atomic_append(p, [{'a': 1}], ['a'])
+  csvstore.atomic_append(p, [{'a': 1}], ['a'])
   with pytest.raises(ValueError, match='refusing to mix schemas'):
-    lb.atomic_append(p, [{'b': 1}], ['b'])
+    csvstore.atomic_append(p, [{'b': 1}], ['b'])
   with pytest.raises(ValueError):
-    lb.atomic_append(p, [{'a': 1, 'zzz': 2}], ['a'])  # unknown key
+    csvstore.atomic_append(p, [{'a': 1, 'zzz': 2}], ['a'])  # unknown key
   assert open(p).read() == 'a\n1\n'
 
 
@@ -136,7 +137,7 @@ _PAD = 'x' * 300 + ', "quoted", done'
 def _append_worker(path, worker, barrier):
   barrier.wait()
   for i in range(5):
-    lb.atomic_append(path, [{'worker': worker, 'i': i, 'pad': _PAD}], _COLS)
+    csvstore.atomic_append(path, [{'worker': worker, 'i': i, 'pad': _PAD}], _COLS)
 
 
 # fork, not spawn (16 fresh interpreters take ~10 s on 2 cores): the children
@@ -170,8 +171,8 @@ def test_16_concurrent_processes_lose_and_tear_nothing(tmp_path):
 
 def test_plots_written(tmp_path):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 1.0, nfes=(1, 2)), str(res))
-  lb.record(_summary(tmp_path, 0, 1.0, protocol='smoke'), str(res))
+  results.record(_summary(tmp_path, 0, 1.0, nfes=(1, 2)), str(res))
+  results.record(_summary(tmp_path, 0, 1.0, protocol='smoke'), str(res))
   d = res / 'plots' / 'toy2d__8gaussians'
   names = {'method_a_nfe1.png', 'method_a_nfe2.png', 'method_a.png',
            'method_a_smoke_nfe1.png', 'method_a_smoke.png'}
@@ -187,16 +188,16 @@ def test_non_2d_samples_get_no_scatter(tmp_path):
   np.savez_compressed(os.path.join(s['workdir'], 'samples_nfe1.npz'),
                       x=np.zeros((10, 3), np.float32))
   res = tmp_path / 'results'
-  lb.record(s, str(res))
+  results.record(s, str(res))
   assert not (res / 'plots' / 'toy2d__8gaussians').exists()
 
 
 def test_cli_rebuilds_everything(tmp_path, capsys):
   res = tmp_path / 'results'
-  lb.record(_summary(tmp_path, 0, 1.0), str(res))
+  results.record(_summary(tmp_path, 0, 1.0), str(res))
   (res / 'LEADERBOARD.md').unlink()
   (res / 'leaderboard' / 'toy2d__8gaussians.csv').unlink()
-  lb.main(['--results_dir', str(res)])
+  results.main(['--results_dir', str(res)])
   assert (res / 'LEADERBOARD.md').exists() and len(_board(res)) == 1
   assert 'sliced_w2_vs_nfe.png' in capsys.readouterr().out
 
