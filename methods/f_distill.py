@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 from onestep_bench.models.embeddings import sinusoidal
 
@@ -385,6 +386,69 @@ def _bcast(t: jax.Array, x: jax.Array) -> jax.Array:
 
 class Method(base.Method):
   """f-distill with a teacher-initialised student, fake score and D head."""
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """f, ratio / time / D settings, student steps and the teacher source.
+
+    The teacher run itself (existence, method, data, backbone) is checked by
+    `load_teacher` in `__init__` (TeacherError), before anything compiles.
+    """
+    c, p = config.method, 'method'
+    if not isinstance(c.teacher_workdir, str):
+      raise cc.ConfigError('method.teacher_workdir', c.teacher_workdir,
+                           'must be a run directory (a string)',
+                           '--config.method.teacher_workdir=runs/...')
+    if not cc.require_bool(c, p, 'allow_untrained_teacher') and (
+        not c.teacher_workdir):
+      run = default_teacher_workdir(config.data.name, config.seed)
+      raise cc.ConfigError(
+          'method.teacher_workdir', '', 'f-distill needs a teacher (a '
+          'flow_matching run of this harness)', f'--config.method.teacher_'
+          f'workdir={run} (train it first: make bench METHOD=flow_matching '
+          f'DATASET={config.data.name} SEED={config.seed}), or set '
+          'method.allow_untrained_teacher=True for smoke tests')
+    f_div = cc.require_choice(c, p, 'f_div', [*F_DIVERGENCES, 'alpha'])
+    alpha = cc.require_real(c, p, 'alpha', example=0.5)
+    if f_div == 'alpha' and alpha in (0.0, 1.0):
+      raise cc.ConfigError('method.alpha', alpha, "must not be 0 or 1 (those "
+                           "limits are f_div='rkl' and 'kl')",
+                           '--config.method.alpha=0.5')
+    gan = cc.require_real(c, p, 'gan_weight', 0.0, example=1e-3)
+    if gan == 0 and f_div != 'rkl':
+      raise cc.ConfigError('method.gan_weight', gan, 'must be > 0: r comes '
+                           'from the discriminator', "--config.method."
+                           "gan_weight=1e-3, or f_div='rkl' for pure DMD")
+    cc.require_int(c, p, 'student_update_freq', 2, example=5)
+    lower = cc.require_real(c, p, 'ratio_lower', 0.0, lo_open=True,
+                            example=0.1)
+    cc.require_real(c, p, 'ratio_upper', lower, lo_open=True, example=20.0)
+    cc.require_real(c, p, 'logit_clip', 0.0, lo_open=True, example=10.0)
+    cc.require_bool(c, p, 'ratio_normalization')
+    cc.require_int(c, p, 'ratio_bins', example=10)
+    cc.require_real(c, p, 'ratio_ema', 0.0, 1.0, hi_open=True, example=0.0)
+    t_min = cc.require_real(c, p, 't_min', 0.0, 1.0, hi_open=True,
+                            example=0.001)
+    cc.require_real(c, p, 't_max', t_min, 1.0, lo_open=True, example=0.999)
+    cc.require_bool(c, p, 'gan_same_t_noise')
+    cc.require_choice(c, p, 'disc_features', ('fake_score', 'teacher', 'raw'))
+    cc.require_int(c, p, 'disc_width', example=128)
+    cc.require_int(c, p, 'disc_depth', 0, example=2)
+    cc.require_int(c, p, 'disc_fourier', 0, example=6)
+    if c.teacher_guidance is not None:
+      cc.require_real(c, p, 'teacher_guidance', 0.0, example=1.75)
+      if not cc.labelled(config):
+        raise cc.ConfigError('method.teacher_guidance', c.teacher_guidance,
+                             'needs class labels, but the data is '
+                             'unconditional', 'leave it unset (None)')
+    k = cc.require_int(c, p, 'student_steps')
+    for name in ('lr_student', 'lr_fake', 'lr_disc'):
+      cc.require_real(c, p, name, 0.0, example=0.0)  # 0 = config.train.lr
+    cc.check_supported_nfe(
+        config, tuple(n for n in range(1, k + 1) if k % n == 0),
+        f'f_distill with method.student_steps={k} (its divisors)')
+    cc.refuse_guidance(config, "f_distill distils the teacher's CFG "
+                       '(method.teacher_guidance) and samples without it')
 
   def __init__(self, config: ml_collections.ConfigDict, spec: Any):
     super().__init__(config, spec)

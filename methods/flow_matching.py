@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 
 
@@ -54,6 +55,25 @@ class Method(base.Method):
   """Linear-path flow matching with an Euler/Heun sampler."""
 
   supported_nfe = base.AnyNFE()
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Time law, sampler (Heun needs odd NFEs) and no CFG at sampling."""
+    c, p = config.method, 'method'
+    cc.require_choice(c, p, 'time_dist', ('uniform', 'logit_normal'))
+    cc.require_real(c, p, 'p_mean', example=-0.4)
+    cc.require_real(c, p, 'p_std', 0.0, lo_open=True, example=1.0)
+    cc.require_choice(c, p, 'sampler', ('euler', 'heun'))
+    if c.sampler == 'heun':
+      for name, ev in config.evals.items():
+        even = [k for k in ev.nfe if k % 2 == 0]
+        if even:
+          raise cc.ConfigError(
+              f'evals.{name}.nfe', tuple(ev.nfe), f'holds even {even}, but '
+              'Heun sampling uses nfe = 2*steps - 1 (odd)',
+              f'use odd values, e.g. --config.evals.{name}.nfe="(1, 3, 5)", '
+              'or --config.method.sampler=euler')
+    cc.refuse_guidance(config, 'flow_matching samples without CFG')
 
   def velocity(self, params, z, t, y=None):
     """v_θ(z, t): the backbone at gap h = 0."""

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 
 UFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -151,6 +152,31 @@ class Method(base.Method):
   """MeanFlow with the shared backbone u_θ(z, t, h = t - r, y)."""
 
   supported_nfe = base.AnyNFE()  # eq. 12 applied on any K-step grid
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """(t, r) sampler, adaptive weight, training CFG; no sampling CFG."""
+    c, p = config.method, 'method'
+    cc.require_choice(c, p, 'tr_rule', ('sort', 'min'))
+    cc.require_choice(c, p, 'time_dist', ('uniform', 'logit_normal'))
+    for k in ('p_mean_t', 'p_mean_r'):
+      cc.require_real(c, p, k, example=-0.4)
+    for k in ('p_std_t', 'p_std_r'):
+      cc.require_real(c, p, k, 0.0, lo_open=True, example=1.0)
+    cc.require_prob(c, p, 'ratio_r_neq_t')
+    cc.require_choice(c, p, 'mask_rule', ('prefix', 'random'))
+    adaptive_p = cc.require_real(c, p, 'adaptive_p', 0.0, example=1.0)
+    # (L + c)^p with c = 0 divides by zero on a sample with L = 0.
+    cc.require_real(c, p, 'adaptive_c', 0.0, lo_open=adaptive_p > 0,
+                    example=0.01)
+    cc.require_real(c, p, 'cfg_omega', 0.0, lo_open=True, example=1.0)
+    cc.require_real(c, p, 'cfg_kappa', 0.0, 1.0, hi_open=True, example=0.5)
+    start = cc.require_prob(c, p, 'cfg_t_start')
+    cc.require_real(c, p, 'cfg_t_end', start, 1.0, example=1.0)
+    cc.require_prob(c, p, 'class_dropout')
+    cc.require_choice(c, p, 'time_grid', ('uniform',))
+    cc.refuse_guidance(config, 'meanflow folds CFG into training '
+                       '(method.cfg_omega / cfg_kappa) and samples without it')
 
   def average_velocity(self, params: base.PyTree, z: jax.Array, t: jax.Array,
                        r: jax.Array, y: jax.Array | None = None) -> jax.Array:

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 from onestep_bench import models
 from onestep_bench.models import layers
@@ -202,6 +203,36 @@ class Method(base.Method):
   # The head's inner steps cost FLOPs on top of the T backbone passes: the
   # evaluator's effective NFE is T·(1 + N·c_head/c_backbone) > T.
   extra_sampling_flops = True
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Grid, representation / head sizes; NFEs dividing a discrete train_T."""
+    c, p = config.method, 'method'
+    big_t = cc.require_int(c, p, 'train_T', 0, example=0)
+    rep = cc.require_int(c, p, 'rep_dim', example=32)
+    patch = cc.require_int(c, p, 'head_patch')
+    cc.require_int(c, p, 'head_width', example=32)
+    cc.require_int(c, p, 'head_depth', 0, example=2)
+    f = cc.require_int(c, p, 'head_freq_dim', 2, example=32)
+    if f % 2:
+      raise cc.ConfigError('method.head_freq_dim', f, 'must be even '
+                           '(sinusoidal features come in sin / cos pairs)',
+                           f'--config.method.head_freq_dim={f + 1}')
+    cc.require_int(c, p, 'head_steps', example=8)
+    cc.require_int(c, p, 'head_batch_mul')
+    cc.require_prob(c, p, 'class_dropout')
+    if str(config.data.name).startswith('toy2d:'):  # vectors of 2 channels
+      if patch != 1:
+        raise cc.ConfigError('method.head_patch', patch, 'must be 1 for '
+                             'vector data (one token = the whole sample)',
+                             '--config.method.head_patch=1')
+      if rep < 2:
+        raise cc.ConfigError('method.rep_dim', rep, 'must be >= the data '
+                             'channels (2): X_τ is zero-padded to it',
+                             '--config.method.rep_dim=32')
+    if big_t:
+      cc.check_supported_nfe(config, divisors(big_t), 'transition_matching '
+                             f'with method.train_T={big_t} (its divisors)')
 
   def __init__(self, config: ml_collections.ConfigDict, spec):
     super().__init__(config, spec)

@@ -55,6 +55,7 @@ import ml_collections
 import optax
 from jax.scipy.special import ndtr, ndtri
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 
 FFn = Callable[[jax.Array], jax.Array]
@@ -179,6 +180,45 @@ class Method(base.Method):
   """TVM with the shared backbone F_θ(x, t, h = t - s, y[, g = 1/w])."""
 
   supported_nfe = base.AnyNFE()  # the jump map works on any K-step grid
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Time / gap laws, teacher EMA, CFG scales and the evals' guidance."""
+    c, p = config.method, 'method'
+    for k in ('time_dist', 'gap_dist'):
+      cc.require_choice(c, p, k, ('logit_normal', 'uniform'))
+    for k in ('s_p_mean', 'gap_p_mean'):
+      cc.require_real(c, p, k, example=-0.4)
+    for k in ('s_p_std', 'gap_p_std'):
+      cc.require_real(c, p, k, 0.0, lo_open=True, example=1.0)
+    cc.require_prob(c, p, 'teacher_ema')
+    w = cc.require_real(c, p, 'cfg_scale', 0.0, lo_open=True, example=2.0)
+    w_max = cc.require_real(c, p, 'cfg_scale_max', 0.0, example=0.0)
+    if 0 < w_max < w:
+      raise cc.ConfigError('method.cfg_scale_max', w_max, 'must be 0 (fixed '
+                           f'w) or >= method.cfg_scale ({w})',
+                           '--config.method.cfg_scale_max=0')
+    for k in ('scale_param', 'detach_jvp'):
+      cc.require_bool(c, p, k)
+    cc.require_prob(c, p, 'class_dropout')
+    cc.require_choice(c, p, 'time_grid', ('uniform',))
+    embed = bool(config.model.get('guidance_embed', False))
+    if cc.labelled(config) and w_max > 0 and not embed:
+      raise cc.ConfigError(
+          'model.guidance_embed', embed, 'must be True for TVM with a random '
+          f'CFG scale (config.method.cfg_scale_max={w_max}): the backbone '
+          'needs the guidance input 1/w', '--config.model.guidance_embed=True')
+    for name, g in cc.guidance_evals(config):
+      key = f'evals.{name}.guidance'
+      if g <= 0:
+        raise cc.ConfigError(key, g, 'must be > 0 for TVM (the backbone sees '
+                             '1/w)', f'e.g. --config.{key}={w}')
+      if not embed and w_max <= 0 and float(g) != w:
+        raise cc.ConfigError(
+            key, g, f'this TVM model is trained at the fixed w = config.'
+            f'method.cfg_scale={w} without a guidance input (config.model.'
+            'guidance_embed=False)', f'use --config.{key}={w} (or unset it), '
+            'or train with config.model.guidance_embed=True')
 
   def __init__(self, config: ml_collections.ConfigDict, spec):
     super().__init__(config, spec)
