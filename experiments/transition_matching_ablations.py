@@ -1,7 +1,7 @@
 """Transition Matching (DTM) ablations on toy 2D.
 
 Analogues of paper Tabs. 10-11 and Fig. 10; spec
-specs/drifting_tm_fdistill.md §2.6 protocol.
+docs/methods/transition_matching.md §2.6 protocol.
 
 T (transitions = backbone NFE) is an *evaluation* axis: the default model is
 trained with continuous τ and sampled at every T in `evals.main.nfe`. Add

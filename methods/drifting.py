@@ -1,7 +1,7 @@
 """Drifting Models: a one-step generator trained to follow a drifting field.
 
 Deng, Li, Li, Du, He 2026, "Generative Modeling via Drifting", arXiv
-2602.04770. Spec: specs/drifting_tm_fdistill.md §1.
+2602.04770. Spec: docs/methods/drifting.md (its § numbers are cited below).
 
 A generator x = f_θ(ε) pushes N(0, I) forward to q_θ. The drifting field
 moves every generated sample toward data (positives y⁺ ~ p) and away from

@@ -1,7 +1,7 @@
 """f-distill: one-step distillation by f-divergence distribution matching.
 
 Xu, Nie, Vahdat 2025, "One-step Diffusion Models with f-Divergence
-Distribution Matching", arXiv 2502.15681. Spec: specs/drifting_tm_fdistill.md
+Distribution Matching", arXiv 2502.15681. Spec: docs/methods/f_distill.md
 §3; reference code NVlabs/FastGen `methods/distribution_matching/
 {f_distill,dmd2}.py`, `methods/common_loss.py`. Conventions (flow_matching):
 t = 0 data, t = 1 noise, x_t = (1 - t) x + t e, so α_t = 1 - t, σ_t = t; a

@@ -1,7 +1,7 @@
 """Flow matching (Lipman et al. 2023, arXiv 2210.02747; rectified flow, Liu
 et al. 2023): the multi-step baseline and f-distill's teacher.
 
-Conventions shared by every method here (specs/meanflow_tvm.md §0): t = 0 is
+Conventions shared by every method (docs/methods/flow_matching.md §0): t = 0 is
 data, t = 1 is noise.
 
   z_t = (1 - t) x + t e,   e ~ N(0, I)                     (linear path)

@@ -1,7 +1,7 @@
 """MeanFlow: one-step generation by regressing the average velocity.
 
 Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative
-Modeling", arXiv 2505.13447 (Sec. 4). Spec: specs/meanflow_tvm.md §1, written
+Modeling", arXiv 2505.13447 (Sec. 4). Spec: docs/methods/meanflow.md §1, written
 from the official JAX code (Gsunshine/meanflow) and the official PyTorch
 CIFAR-10 code (Gsunshine/py-meanflow). Conventions (spec §0): t = 0 is data,
 t = 1 is noise, z_t = (1 - t) x + t e, conditional velocity v = e - x.

@@ -2,7 +2,7 @@
 
 Shaul, Singer, Gat, Lipman 2025, "Transition Matching: Scalable and Flexible
 Generative Modeling", arXiv 2506.23589 (§2.2, Algs. 3-4, eq. 14, Thm. 1).
-Spec: specs/drifting_tm_fdistill.md §2 (no official code exists).
+Spec: docs/methods/transition_matching.md §2 (no official code exists).
 
 Time convention (the paper's, used in all maths below): τ ∈ [0, 1], τ = 0 is
 noise and τ = 1 is data; T transitions visit τ_k = k / T. The harness's

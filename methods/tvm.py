@@ -2,7 +2,7 @@
 
 Zhou, Parger, Haque, Song 2025, "Terminal Velocity Matching", arXiv
 2511.19797 (Sec. 3 objective, Sec. 4 practical choices). Spec:
-specs/meanflow_tvm.md §2, §2b, written from the official PyTorch code
+docs/methods/tvm.md §2, §2b, written from the official PyTorch code
 (lumalabs/tvm: training/loss.py `TVMLoss`, training/wrapper.py `TVMWrapper`,
 training/training_loop.py, generate_images.py, configs/im256_w2.yaml), which
 this file follows line by line (the `[wrapper.py ...]` tags below). Conventions

@@ -2,7 +2,7 @@
 
 Deng, Li, Li, Du, He 2026, "Generative Modeling via Drifting", arXiv
 2602.04770, App. A.3 (ResNet-MAE encoder and its pre-training) and A.5 (the
-multi-scale feature dictionary). Spec: specs/drifting_tm_fdistill.md §1.5,
+multi-scale feature dictionary). Spec: docs/methods/drifting.md §1.5,
 §1.11 ("a ResNet-MAE trained by the harness on the same training set").
 
 The harness trains the encoder once per (dataset content, recipe), on the

@@ -1,6 +1,6 @@
 """Maths, teacher-restore and training-step tests of methods/f_distill.py.
 
-Spec: specs/drifting_tm_fdistill.md §3.10 (sanity tests 1, 2, 5, 6), §3.11
+Spec: docs/methods/f_distill.md §3.10 (sanity tests 1, 2, 5, 6), §3.11
 (v -> x0 conversion), plus the teacher contract (restore round trip, clear
 errors).
 """

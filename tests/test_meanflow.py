@@ -1,4 +1,4 @@
-"""Maths tests of methods/meanflow.py (specs/meanflow_tvm.md §1, §3)."""
+"""Maths tests of methods/meanflow.py (docs/methods/meanflow.md §1, §3)."""
 
 import types
 

@@ -1,4 +1,4 @@
-"""Maths tests of methods/transition_matching.py (specs/drifting_tm_fdistill.md
+"""Maths tests of the DTM method (docs/methods/transition_matching.md
 §2.3, §2.9).
 
 Closed form used throughout (data x ~ N(μ, Σ), noise e ~ N(0, I), paper time
@@ -132,7 +132,7 @@ def test_target_distribution_closed_form(tau):
   np.testing.assert_allclose(coef[:2].T, gain, atol=0.01)
   np.testing.assert_allclose(coef[2], off, atol=0.01)
   np.testing.assert_allclose(np.cov(resid.T), c, atol=0.02)
-  # Eigen-form FM velocity (specs/meanflow_tvm.md / test_meanflow): -v = m.
+  # FM velocity in eigen form (docs/methods/meanflow.md §3): -v = m.
   lam, q = np.linalg.eigh(ds.spec.cov)
   t = 1 - tau
   g_fm = q @ np.diag((t - (1 - t) * lam) / ((1 - t)**2 * lam + t**2)) @ q.T

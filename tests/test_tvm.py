@@ -1,4 +1,4 @@
-"""Maths tests of methods/tvm.py (specs/meanflow_tvm.md §2, §3)."""
+"""Maths tests of methods/tvm.py (docs/methods/tvm.md §2, meanflow.md §3)."""
 
 import types
 

@@ -5,7 +5,7 @@ source files) and converted to float32 in [-1, 1] only when a batch is drawn.
 Small sets (digits, MNIST, Fashion-MNIST, CIFAR-10: <= ~200 MB) live on the
 accelerator, replicated; a batch is a random gather drawn *inside* the jitted
 train step from the step's key, so there is no iterator state and resume is
-bitwise (ARCHITECTURE.md §4).
+bitwise (docs/architecture.md §4).
 
 The evaluator reads `split_images(split)` (uint8, exact pixels) to build the
 reference statistics: FID references are computed from the data's own pixels,

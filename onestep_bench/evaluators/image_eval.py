@@ -1,6 +1,6 @@
 """Image metrics for every method: FID (+ bootstrap CI), IS, P/R, KID.
 
-One path (evaluation.md §0): samples in [-1, 1] are rounded to uint8 (as a
+One path (docs/evaluation.md): samples in [-1, 1] are rounded to uint8 (as a
 PNG would store them), passed through the configured feature network, and
 compared with cached reference statistics of a real split.
 

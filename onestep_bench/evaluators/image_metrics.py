@@ -3,7 +3,7 @@
 Pure numpy / scipy on host, agnostic of the feature network: every function
 takes feature arrays ([N, D] pool3 / penultimate features, or [N, C] class
 logits / probabilities) and returns Python floats. Reductions that decide
-the number run in float64 (evaluation.md §0, §4: float32 covariance
+the number run in float64 (docs/evaluation.md §0, §4: float32 covariance
 accumulation is a known source of FID disagreement, torcheval#192).
 
 Reference implementation followed by each function:
@@ -14,7 +14,7 @@ Reference implementation followed by each function:
   frechet_distance    pytorch-fid `fid_score.calculate_frechet_distance`
                       (sqrtm of sigma1 @ sigma2, eps * I retry, imaginary
                       check at atol 1e-3). `method='eigh'`: the cross-check
-                      of evaluation.md §0, tr sqrt(S1 S2) from the
+                      of docs/evaluation.md §0, tr sqrt(S1 S2) from the
                       eigenvalues of sqrt(S1) S2 sqrt(S1).
   fid_bootstrap_ci    nonparametric bootstrap over the generated features,
                       reference fixed (Efron & Tibshirani 1993: §13.3
@@ -184,7 +184,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
   `method='eigh'` uses sqrt(sigma1) from a symmetric eigendecomposition and
   the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1) (`_trace_sqrt_product`;
-  evaluation.md §0 cross-check). It needs PSD inputs (always true for
+  docs/evaluation.md §0 cross-check). It needs PSD inputs (always true for
   covariances), never needs eps, and agrees with 'sqrtm' to ~1e-10
   relative on well-conditioned covariances (8e-14 at D=2048); ~4 s at
   D=2048 on the same core.

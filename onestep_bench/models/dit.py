@@ -1,6 +1,6 @@
 """`dit`: Diffusion Transformer (Peebles & Xie 2023), `model(x, t, h, y, g)`.
 
-Plain DiT by default (as MeanFlow uses it, specs/meanflow_tvm.md §1.2):
+Plain DiT by default (as MeanFlow uses it, docs/methods/meanflow.md §1.2):
 no-affine LayerNorm (eps 1e-6), adaLN-Zero, xavier-uniform linears and
 patch embedding with zero biases, zero-init adaLN and output linears, fixed
 2D sin-cos position embedding, N(0, 0.02) time/label embedders. The options

@@ -12,7 +12,7 @@ def sinusoidal(t: jax.Array, dim: int,
   """GLIDE/DiT sinusoidal embedding of raw times t in [0, 1] ([cos, sin]).
 
   Raw t (not t·1000), as the official MeanFlow and TVM code embed it
-  (specs/meanflow_tvm.md §0): derivatives in t stay O(1), which matters for
+  (docs/methods/flow_matching.md §0): t-derivatives stay O(1), needed by
   the JVP-based targets of MeanFlow / TVM.
 
   Args:

@@ -7,7 +7,7 @@ tangent). Normalizations and the softmax are computed in float32 whatever the
 compute dtype (in float64 when the inputs are float64 under `jax.enable_x64`,
 which finite-difference tests use; see `wide`).
 
-TVM's "semi-Lipschitz" DiT options (specs/meanflow_tvm.md §2.5, implementation
+TVM's "semi-Lipschitz" DiT options (docs/methods/tvm.md §2.5, implementation
 notes §2b) live here: no-affine RMSNorm (`norm='rmsnorm'`), QK-norm
 (`RMSNorm` with a learnable scale over head_dim on q and k), RMS-normalized
 adaLN chunks (`AdaLN(rms_normalize=True)`), and spectral init
@@ -90,7 +90,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Softmax attention, [B, N, H, Dh] each -> [B, N, H, Dh].
 
   Plain einsum/softmax with float32 logits: forward- and reverse-mode
-  differentiable (no custom-VJP kernel, see specs/meanflow_tvm.md §2b).
+  differentiable (no custom-VJP kernel, see docs/methods/tvm.md §2b).
   """
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
@@ -148,7 +148,7 @@ class AdaLN(nnx.Module):
   over D (no weight, eps 1e-6) before use. This mirrors TVM exactly,
   including its caveat: with the adaLN-Zero init every chunk is exactly 0 at
   init, so the normalized chunk is 0 too and its local gain is 1/sqrt(eps)
-  = 1e3 (specs/meanflow_tvm.md §2.5).
+  = 1e3 (docs/methods/tvm.md §2.5).
   """
 
   def __init__(self, cond_dim: int, dim: int, chunks: int, *,
@@ -185,7 +185,7 @@ def spectral_init(target: float = 1.0) -> Initializer:
   """Spectral initialization: a weight with spectral norm exactly `target`.
 
   Zhou et al. 2025 (arXiv 2511.19797, official `init_type: spectral`;
-  specs/meanflow_tvm.md §2.5) draw xavier-normal weights and divide by
+  docs/methods/tvm.md §2.5) draw xavier-normal weights and divide by
   their top singular value. The xavier scale cancels in that ratio, so we
   draw N(0, 1) and rescale by `target / sigma_max`, with sigma_max computed
   exactly (Gram-matrix eigenvalue, `top_singular_value`) rather than by
