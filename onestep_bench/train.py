@@ -27,7 +27,14 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from onestep_bench import checkpoint, curve, data, sharding, writers
+from onestep_bench import (
+  checkpoint,
+  config_check,
+  curve,
+  data,
+  sharding,
+  writers,
+)
 from onestep_bench.evaluators import runner
 from onestep_bench.flops import count_flops
 from onestep_bench.method import Method, TrainState, load_method
@@ -218,6 +225,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tc = config.train
   dataset = data.build(config.data)
   method = load_method(config, dataset.spec)
+  config_check.validate(config, method)  # every key, before any compute
   method.prepare(dataset)  # frozen encoders / teachers (host side)
   mesh = sharding.make_mesh(config.mesh)
   if tc.batch_size % mesh.size:
@@ -225,8 +233,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f'divisible by the {mesh.size} devices of the mesh '
                      f'{dict(mesh.shape)}; change the batch size or '
                      'config.mesh.')
-  for name, ev in config.evals.items():
-    runner.eval_nfes(method, ev, name)  # fail before any compile
   root = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root, 3)
   example = dataset.sample(jax.random.key(0), 2)
