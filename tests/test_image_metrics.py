@@ -254,6 +254,40 @@ def test_is_matches_torch_fidelity_and_probs_path():
   np.testing.assert_allclose(im.inception_score(probs=p), got, rtol=1e-12)
 
 
+def _adm_is(probs: np.ndarray, split_size: int) -> float:
+  """guided-diffusion `compute_inception_score`, transcribed (no epsilon)."""
+  scores = []
+  for i in range(0, len(probs), split_size):
+    part = probs[i:i + split_size]
+    kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+    scores.append(np.exp(np.mean(np.sum(kl, 1))))
+  return float(np.mean(scores))
+
+
+def test_is_split_size_follows_adm():
+  logits = _rng(22).standard_normal((1200, 20)) * 3
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  # 500 + 500 + a partial 200, in the given order (no shuffle).
+  assert im.is_split_rows(1200, 500) == [slice(0, 500), slice(500, 1000),
+                                         slice(1000, 1200)]
+  mean, std = im.inception_score(probs=p, split_size=500)
+  assert mean == pytest.approx(_adm_is(p, 500), rel=1e-9)
+  assert std > 0
+  assert im.inception_score(logits, split_size=500)[0] == pytest.approx(
+      mean, rel=1e-9)
+  # N < split size: one split of all N rows, std 0.
+  one, std1 = im.inception_score(probs=p, split_size=5000)
+  assert one == pytest.approx(_adm_is(p, 1200), rel=1e-9) and std1 == 0
+  # Row order matters (consecutive splits), `seed` does not.
+  assert im.inception_score(probs=p[::-1], split_size=500)[0] != mean
+  assert im.inception_score(probs=p, split_size=500, seed=0)[0] == mean
+  # Smaller splits are biased low (p(y) from fewer rows).
+  assert im.inception_score(probs=p, split_size=50)[0] < one
+  with pytest.raises(ValueError, match='split_size'):
+    im.inception_score(probs=p, split_size=0)
+
+
 def test_is_argument_errors():
   with pytest.raises(ValueError, match='exactly one'):
     im.inception_score()

@@ -10,6 +10,7 @@ import pytest
 from conftest import smoke_config
 
 from onestep_bench import data, train
+from onestep_bench.config_check import ConfigError
 from onestep_bench.data import idx, sources
 from onestep_bench.data.images import ImageArrays, to_uint8
 from onestep_bench.evaluators import image_eval, runner
@@ -53,6 +54,30 @@ def test_uint8_round_trip_is_exact():
   ds = ImageArrays('t', {'train': (x, np.zeros(1, np.int32))}, 1)
   np.testing.assert_array_equal(to_uint8(ds.sample(jax.random.key(0), 1)['x']),
                                 x)
+
+
+def test_quantize_modes_follow_edm_and_adm():
+  # EDM generate.py: (x * 127.5 + 128).clip(0, 255) -> uint8 (truncation);
+  # ADM image_sample.py: ((x + 1) * 127.5).clamp(0, 255) -> uint8.
+  x = np.random.default_rng(0).uniform(-1.2, 1.2, (4000,)).astype(np.float32)
+  x = np.r_[x, -1, 1, 0, np.float32(1 / 255)].astype(np.float32)
+  edm = np.clip(x * np.float32(127.5) + np.float32(128), 0, 255)
+  adm = np.clip((x + np.float32(1)) * np.float32(127.5), 0, 255)
+  np.testing.assert_array_equal(to_uint8(x), np.trunc(edm).astype(np.uint8))
+  np.testing.assert_array_equal(to_uint8(x, 'truncate'),
+                                np.trunc(adm).astype(np.uint8))
+  # Rounding keeps the mean of a continuous output; truncation drops ~0.5.
+  u = np.random.default_rng(1).uniform(-1, 1, 100_000)
+  level = (u + 1) * 127.5
+  assert abs(to_uint8(u).mean() - level.mean()) < 0.01
+  assert abs(to_uint8(u, 'truncate').mean() - level.mean() + 0.5) < 0.01
+  # Pixels from to_float come back exactly only with 'round'.
+  pix = np.arange(256, dtype=np.uint8)
+  back = np.asarray((pix.astype(np.float32) - 127.5) / 127.5)
+  np.testing.assert_array_equal(to_uint8(back), pix)
+  assert (to_uint8(back, 'truncate') != pix).any()
+  with pytest.raises(ValueError, match='quantize'):
+    to_uint8(x, 'floor')
 
 
 def _write_fashion(tmp_path, n=12, corrupt=None):
@@ -175,6 +200,42 @@ def test_fid_of_real_data_is_small(tmp_path, monkeypatch):
   assert real['fid_ci_lo'] <= real['fid_ci_hi']
   assert real['precision'] > noise['precision']
   assert abs(real['inception_score'] - 1.0) < 1e-6  # uniform stand-in probs
+  assert real['settings'] == {
+      'quantize': 'round', 'is_split_size': 5000, 'is_num_splits': 1,
+      'pr_k': 3, 'fid_bootstrap': 3, 'ref_split': 'train', 'ref_n': 0,
+      'max_ref_features': 10_000, 'kid_num_subsets': 100,
+      'kid_subset_size': 1000}
+  assert all(isinstance(v, (str, int, float, bool))
+             for v in real['settings'].values())
+
+
+def test_score_images_options_are_used_and_checked(tmp_path, monkeypatch):
+  monkeypatch.setenv('ONESTEP_CACHE', str(tmp_path))
+  seen = []
+
+  class Spy(_PixelFeatures):
+    def __call__(self, images):
+      seen.append(images)
+      return super().__call__(images)
+
+  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits', Spy())
+  ds = data.build(_cfg(name='digits'))
+  x = ds.split_images('test')[0][:300].astype(np.float32) / 127.5 - 1
+  ev = _cfg(feature_net='auto', ref_n=200, fid_bootstrap=0, quantize='truncate',
+            is_split_size=128, pr_k=4)
+  out = image_eval.score_images(x, ds, ev, seed=0)
+  fed = [im for im in seen if im.shape == x.shape]  # not reference / floor
+  assert any(np.array_equal(im, to_uint8(x, 'truncate')) for im in fed)
+  assert not any(np.array_equal(im, to_uint8(x)) for im in fed)
+  assert 'fid_ci_lo' not in out and out['reference']['n'] == 200
+  assert out['settings'] == dict(
+      quantize='truncate', is_split_size=128, is_num_splits=3, pr_k=4,
+      fid_bootstrap=0, ref_split='train', ref_n=200, max_ref_features=10_000,
+      kid_num_subsets=100, kid_subset_size=1000)
+  for key, bad in (('quantize', 'floor'), ('is_split_size', 0),
+                   ('pr_k', 2.5), ('fid_bootstrap', -1), ('ref_n', True)):
+    with pytest.raises(ConfigError, match=f'evals.main.{key}'):
+      image_eval.eval_settings(_cfg(**{key: bad}), 'main')
 
 
 def test_image_smoke_run(tmp_path, cheap_classifier):

@@ -9,14 +9,14 @@ and compares with pytorch-fid's own network on random weights (no download).
 
 from __future__ import annotations
 
-
 import jax
+import ml_collections as mlc
 import numpy as np
 import pytest
 
-from onestep_bench.evaluators import convert_inception
+from onestep_bench import data
+from onestep_bench.evaluators import convert_inception, image_eval, torch_compat
 from onestep_bench.evaluators import inception as inc
-from onestep_bench.evaluators import torch_compat
 
 # ---------------------------------------------------------------------------
 # Fixtures.
@@ -97,6 +97,66 @@ def test_converter_rejects_unverified_checkpoint(tmp_path):
                             str(tmp_path / 'x.npz')])
 
 
+def _torch_state_dict(params):
+  """Our params back in pytorch-fid's layout (OIHW convs, [1008, 2048] fc)."""
+  return {k: v.transpose(3, 2, 0, 1) if v.ndim == 4 else
+          (v.T if k == 'fc.weight' else v) for k, v in params.items()}
+
+
+def test_weights_provenance_is_stored_and_labels_rows(params, tmp_path,
+                                                      monkeypatch):
+  unverified, verified = str(tmp_path / 'u.npz'), str(tmp_path / 'v.npz')
+  inc.save_params(params, unverified)  # default: unverified
+  inc.save_params(params, verified, verified=True,
+                  source_sha256=inc.TORCH_WEIGHTS_SHA256)
+  assert inc.load_meta(verified) == {
+      'verified': True, 'source_sha256': inc.TORCH_WEIGHTS_SHA256}
+  assert not inc.weights_verified(unverified) and inc.weights_verified(
+      verified)
+  assert inc.load_params(verified).keys() == params.keys()  # meta skipped
+  # Deterministic bytes, whatever the input order: one official sha256.
+  again = str(tmp_path / 'v2.npz')
+  inc.save_params(dict(reversed(list(params.items()))), again, verified=True,
+                  source_sha256=inc.TORCH_WEIGHTS_SHA256)
+  assert inc.file_sha256(again) == inc.file_sha256(verified)
+  # A file written before the provenance record: unverified.
+  legacy = str(tmp_path / 'legacy.npz')
+  np.savez(legacy, **params)
+  assert inc.load_meta(legacy) == {} and not inc.weights_verified(legacy)
+  # The resolved feature-net name of every row says so.
+  ds = data.build(mlc.ConfigDict({'name': 'digits'}))
+  for path, want in ((unverified, 'inception_v3/pytorch_fid/unverified'),
+                     (legacy, 'inception_v3/pytorch_fid/unverified'),
+                     (verified, 'inception_v3/pytorch_fid')):
+    ev = mlc.ConfigDict(dict(feature_net='inception_v3',
+                             preprocess='pytorch_fid', inception_weights=path))
+    assert image_eval.feature_net_name(ds, ev) == want
+  # Once the official output hash is recorded, a mislabelled file is refused.
+  monkeypatch.setattr(inc, 'OFFICIAL_NPZ_SHA256', '0' * 64)
+  with pytest.raises(ValueError, match='official'):
+    inc.weights_verified(verified)
+  monkeypatch.setattr(inc, 'OFFICIAL_NPZ_SHA256', inc.file_sha256(verified))
+  assert inc.weights_verified(verified)
+
+
+def test_converter_records_verification(params, tmp_path, monkeypatch,
+                                        capsys):
+  torch = pytest.importorskip('torch')
+  pth = str(tmp_path / 'random.pth')
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in _torch_state_dict(params).items()}, pth)
+  dst = str(tmp_path / 'out.npz')
+  assert convert_inception.main(['--src', pth, '--dst', dst,
+                                 '--allow_unverified']) == 0
+  assert inc.load_meta(dst) == {'verified': False,
+                                'source_sha256': inc.file_sha256(pth)}
+  # The source check is on the full sha256, not only the name's prefix.
+  monkeypatch.setattr(inc, 'TORCH_WEIGHTS_SHA256', inc.file_sha256(pth))
+  assert convert_inception.main(['--src', pth, '--dst', dst]) == 0
+  assert inc.weights_verified(dst)
+  assert 'OFFICIAL_NPZ_SHA256' in capsys.readouterr().out
+
+
 def test_load_params_refuses_pickles(tmp_path):
   path = str(tmp_path / 'pickled.npz')
   np.savez(path, **{'fc.weight': np.array([{'a': 1}], dtype=object)})
@@ -150,6 +210,8 @@ def test_extractor_partial_batch_and_batch_independence(folded,
                                                         weights_file):
   ext = inc.InceptionExtractor(weights_file, batch_size=2)
   assert ext.name == 'inception_v3' and ext.mode == 'legacy_tf'
+  assert not ext.verified  # random weights
+  assert ext.feature_net == 'inception_v3/legacy_tf/unverified'
   assert ext.weights_sha256 == inc.file_sha256(weights_file)[:16]
   images = _images(3, 16, 16)
   out = ext(images)  # batches [0, 1] and [2, pad]

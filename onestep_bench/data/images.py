@@ -33,10 +33,45 @@ def to_float(x: jax.Array) -> jax.Array:
   return (x.astype(jnp.float32) - 127.5) / 127.5
 
 
-def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
-  """Float in [-1, 1] -> uint8 [0, 255], rounded and clipped (as ADM/EDM)."""
+QUANTIZE_MODES = ('round', 'truncate')
+DEFAULT_QUANTIZE = 'round'
+
+
+def to_uint8(x: np.ndarray | jax.Array,
+             quantize: str = DEFAULT_QUANTIZE) -> np.ndarray:
+  """Float in [-1, 1] -> uint8 [0, 255], clipped, as a saved PNG holds it.
+
+  Two published rules, both computed in float32 as in their torch sources:
+
+    'round' (default): EDM, NVlabs/edm `generate.py`
+      `(images * 127.5 + 128).clip(0, 255).to(torch.uint8)`, i.e.
+      floor(127.5 x + 128) = 127.5 (x + 1) rounded half up. Unbiased: a
+      continuous output keeps its mean, and `to_float` pixels come back
+      exactly.
+    'truncate': ADM, openai/guided-diffusion `scripts/image_sample.py`
+      `((sample + 1) * 127.5).clamp(0, 255).to(th.uint8)`, i.e.
+      floor(127.5 (x + 1)): every pixel moves down by 0.5 on average, and
+      a float just below an integer drops by one level (103 of the 256
+      `to_float` pixels do, after float32 rounding). Use it to reproduce
+      ADM-protocol numbers.
+
+  Args:
+    x: floats in [-1, 1] (values outside are clipped), any shape.
+    quantize: 'round' or 'truncate' (`QUANTIZE_MODES`).
+
+  Returns:
+    uint8 array of x's shape.
+  """
+  if quantize not in QUANTIZE_MODES:
+    raise ValueError(f'quantize={quantize!r}: expected one of '
+                     f'{QUANTIZE_MODES}.')
   x = np.asarray(x, np.float32)
-  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  if quantize == 'round':
+    y = x * np.float32(127.5) + np.float32(128)
+  else:
+    y = (x + np.float32(1)) * np.float32(127.5)
+  # float -> uint8 truncates toward zero, as torch's .to(uint8) does.
+  return np.clip(y, 0, 255).astype(np.uint8)
 
 
 def random_shift(key: jax.Array, x: jax.Array, pad: int) -> jax.Array:
@@ -100,8 +135,9 @@ class ImageArrays:
     if num_classes:  # class index tables for class-grouped batches
       order = np.argsort(labels, kind='stable').astype(np.int32)
       counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+      start = (np.cumsum(counts) - counts).astype(np.int32)
       self._host.update(by_class=order, class_count=counts,
-                        class_start=(np.cumsum(counts) - counts).astype(np.int32))
+                        class_start=start)
 
   @property
   def arrays(self) -> dict[str, jax.Array]:
@@ -160,7 +196,8 @@ class ImageArrays:
     u = jax.random.uniform(k_ex, (groups, n // groups))
     pos = jnp.floor(u * arrays['class_count'][cls][:, None]).astype(jnp.int32)
     pos = jnp.minimum(pos, arrays['class_count'][cls][:, None] - 1)
-    return arrays['by_class'][arrays['class_start'][cls][:, None] + pos].reshape(n)
+    start = arrays['class_start'][cls][:, None]
+    return arrays['by_class'][start + pos].reshape(n)
 
   def split_images(self, split: str) -> Split:
     """(uint8 images, labels) of `split`, for reference statistics."""

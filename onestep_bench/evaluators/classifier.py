@@ -7,10 +7,20 @@ literature. Its numbers are *not* Inception FID and every result row says so
 (`feature_net = classifier:<dataset>`).
 
 Training is deterministic (fixed seed, fixed steps, no data-dependent
-control flow) and cached under a key of (dataset, data content hash,
-architecture, recipe), together with its test accuracy. Features are the
-penultimate layer *before* its ReLU (256-d; pre-activation avoids the exact
-zeros that make a covariance singular); IS uses the softmax.
+control flow) and cached under a key (`weights_key`) of the training split's
+content, the recipe and the recipe's `version`, together with its test
+accuracy. The key is the extractor's `weights_sha256`, which goes into every
+reference-statistics key and result row: a classifier rebuilt under a new
+key is visibly a new feature space, never mixed with the old one.
+
+`RECIPE['version']` stands for the code: bump it whenever the classifier's
+code changes what it computes (the `CNN` architecture, `_forward`, the
+training step in `_train`, or `to_float` / `random_shift` that it calls),
+even if no recipe number changes. Otherwise an old cache entry would be
+loaded as if the new code had trained it.
+
+Features are the penultimate layer *before* its ReLU (256-d; pre-activation
+avoids the exact zeros that make a covariance singular); IS uses the softmax.
 """
 
 from __future__ import annotations
@@ -29,8 +39,10 @@ from flax import nnx
 
 from onestep_bench.data.images import ImageArrays, random_shift, to_float
 
-RECIPE = dict(width=16, feat_dim=256, steps=2000, batch=128, lr=2e-3,
-              weight_decay=1e-4, seed=0, shift=2)
+# `version`: the classifier code's version; bump it on any change of what the
+# code computes (module docstring). Part of the cache key.
+RECIPE = dict(version=1, width=16, feat_dim=256, steps=2000, batch=128,
+              lr=2e-3, weight_decay=1e-4, seed=0, shift=2)
 # Accuracy floors on the test split (issue 4): a cached classifier below its
 # floor is reported, and the evaluator refuses to use it.
 MIN_ACCURACY = {'digits': 0.98, 'fashion_mnist': 0.90, 'mnist': 0.99}
@@ -40,6 +52,33 @@ def cache_dir() -> str:
   """$ONESTEP_CACHE or ~/.cache/onestep_bench."""
   return os.environ.get('ONESTEP_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'onestep_bench')
+
+
+def weights_key(images: np.ndarray, labels: np.ndarray,
+                recipe: dict[str, Any]) -> str:
+  """16 hex digits keying a trained classifier: data + recipe + version.
+
+  Args:
+    images: the training split's uint8 images.
+    labels: its labels.
+    recipe: the full recipe, `version` included.
+
+  Raises:
+    ValueError: the recipe has no integer `version`.
+  """
+  if not isinstance(recipe.get('version'), int):
+    raise ValueError(f'classifier recipe needs an integer version, got '
+                     f'{recipe.get("version")!r}.')
+  digest = hashlib.sha256()
+  for arr in (images, labels):
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  digest.update(json.dumps(recipe, sort_keys=True).encode())
+  return digest.hexdigest()[:16]
+
+
+def cache_path(dataset_name: str, key: str) -> str:
+  """Where the classifier of `dataset_name` with `weights_key` key lives."""
+  return os.path.join(cache_dir(), 'classifiers', f'{dataset_name}-{key}.npz')
 
 
 class CNN(nnx.Module):
@@ -76,21 +115,20 @@ class ClassifierExtractor:
     self.batch_size = batch_size
     train_x, train_y = dataset.split_images('train')
     self.num_classes = int(dataset.label_classes)
-    digest = hashlib.sha256()
-    for arr in (train_x, train_y):
-      digest.update(np.ascontiguousarray(arr).tobytes())
-    digest.update(json.dumps(self.recipe, sort_keys=True).encode())
-    self.weights_sha256 = digest.hexdigest()[:16]
+    self.weights_sha256 = weights_key(train_x, train_y, self.recipe)
     self._model_ctor = lambda key: CNN(
         train_x.shape[1:], self.num_classes, width=self.recipe['width'],
         feat_dim=self.recipe['feat_dim'], rngs=nnx.Rngs(key))
     graphdef, abstract = nnx.split(nnx.eval_shape(
         lambda: self._model_ctor(0)))
     self._graphdef = graphdef
-    path = os.path.join(cache_dir(), 'classifiers',
-                        f'{self.dataset_name}-{self.weights_sha256}.npz')
+    path = cache_path(self.dataset_name, self.weights_sha256)
     if os.path.exists(path):
       self.params, self.info = self._load(path, abstract)
+      if self.info.get('recipe') != self.recipe:
+        raise ValueError(f'Cached classifier {path} was trained with recipe '
+                         f'{self.info.get("recipe")}, not {self.recipe}; '
+                         'delete it.')
     else:
       self.params, self.info = self._train(dataset)
       self._save(path)  # cached even below the floor: the error names it

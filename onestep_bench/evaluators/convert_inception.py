@@ -6,9 +6,14 @@ r"""Converts pytorch-fid's Inception checkpoint to a pickle-free `.npz`.
 
 The source is
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-(fetch it on a machine with internet). Its sha256 must start with `6726825d`
-(the name's suffix, torch-hub convention) unless `--allow_unverified` is
-given (tests convert random weights). The state_dict is read with
+(fetch it on a machine with internet). Its sha256 must equal
+`inception.TORCH_WEIGHTS_SHA256` (6726825d0af5f729cebd5821db510b11b1cfad8f
+aad88a03f1befd49fb9129b2, 95,628,359 bytes) unless `--allow_unverified` is
+given (tests convert random weights): such a file records `verified: false`
+and its rows are labelled `inception_v3/<preprocess>/unverified`. The output
+is deterministic; the sha256 of the official one is printed and belongs in
+`inception.OFFICIAL_NPZ_SHA256` (not yet recorded: the real weights cannot
+be downloaded where this was written). The state_dict is read with
 `torch.load(weights_only=True)` (no arbitrary unpickling); torch is needed
 only here (`pip install -e '.[parity]'`). Names are kept; conv weights go
 OIHW -> HWIO and `fc.weight` [1008, 2048] -> [2048, 1008]; the key set and
@@ -55,17 +60,24 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def convert(src: str, dst: str, allow_unverified: bool = False) -> str:
-  """Converts the checkpoint at `src` to `dst`; returns dst's sha256."""
+  """Converts the checkpoint at `src` to `dst`; returns dst's sha256.
+
+  Raises:
+    ValueError: src's sha256 is not `inception.TORCH_WEIGHTS_SHA256` and
+      `allow_unverified` is False.
+  """
   sha = inception.file_sha256(src)
-  prefix = inception.TORCH_WEIGHTS_SHA256_PREFIX
-  if not sha.startswith(prefix):
+  verified = sha == inception.TORCH_WEIGHTS_SHA256
+  if not verified:
     if not allow_unverified:
       raise ValueError(
-          f'{src} has sha256 {sha}, which does not start with {prefix}: it is '
-          f'not pytorch-fid\'s {inception.TORCH_WEIGHTS_NAME} '
+          f'{src} has sha256 {sha}, not {inception.TORCH_WEIGHTS_SHA256}: it '
+          f'is not pytorch-fid\'s {inception.TORCH_WEIGHTS_NAME} '
           f'({inception.TORCH_WEIGHTS_URL}). Download that file again, or '
-          'pass --allow_unverified to convert other weights (tests only).')
-    print(f'warning: converting unverified weights {src} (sha256 {sha}).',
+          'pass --allow_unverified to convert other weights (tests only; '
+          'their rows are labelled .../unverified).')
+    print(f'warning: converting unverified weights {src} (sha256 {sha}); '
+          'results will be labelled inception_v3/<preprocess>/unverified.',
           file=sys.stderr)
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -74,7 +86,7 @@ def convert(src: str, dst: str, allow_unverified: bool = False) -> str:
         "convert_inception needs torch: pip install -e '.[parity]'") from e
   state_dict = torch.load(src, map_location='cpu', weights_only=True)
   params = convert_state_dict(state_dict)
-  inception.save_params(params, dst)
+  inception.save_params(params, dst, verified=verified, source_sha256=sha)
   return inception.file_sha256(dst)
 
 
@@ -92,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   dst = os.path.abspath(os.path.expanduser(args.dst))
   sha = convert(os.path.expanduser(args.src), dst, args.allow_unverified)
-  print(f'wrote {dst} (sha256 {sha[:16]}). Use it via the default path, '
+  print(f'wrote {dst} (sha256 {sha}). Use it via the default path, '
         f'InceptionExtractor(weights_path=...) or {inception.WEIGHTS_ENV}.')
+  if inception.OFFICIAL_NPZ_SHA256 is None and inception.weights_verified(dst):
+    print('This is the official conversion: record its sha256 as '
+          'inception.OFFICIAL_NPZ_SHA256.')
   return 0
 
 

@@ -1,13 +1,31 @@
 """Image metrics for every method: FID (+ bootstrap CI), IS, P/R, KID.
 
-One path (docs/evaluation.md): samples in [-1, 1] are rounded to uint8 (as a
+One path (docs/evaluation.md): samples in [-1, 1] are quantised to uint8 (as a
 PNG would store them), passed through the configured feature network, and
 compared with cached reference statistics of a real split.
+
+Protocol options (`config.evals.<name>.<key>`; `eval_settings` resolves and
+checks them, and `score_images` returns them under 'settings' for the row):
+  quantize        'round' (default; EDM `generate.py`) | 'truncate' (ADM
+                  `image_sample.py`): see `data.images.to_uint8`.
+  is_split_size   rows per Inception Score split (default 5000, ADM's
+                  evaluator: the published IS is N = 50k in 10 splits).
+                  Splits are consecutive, the last partial; N < size gives
+                  one split of N. IS is biased low for smaller splits, so an
+                  IS at N < 50k is not comparable with published numbers.
+  pr_k            k of the precision / recall balls (default 3, ADM).
+  fid_bootstrap   bootstrap replicates of the FID interval (default 10;
+                  0 = none).
+  ref_split       real split of the reference statistics (default 'train').
+  ref_n           images of it used (default 0 = all).
 
 Feature networks, by name (`config.evals.<name>.feature_net`):
   `inception_v3`        Flax port of the FID Inception (pool3 / 1008 logits);
                         `preprocess` = 'legacy_tf' (default) | 'pytorch_fid'.
-                        Recorded as `inception_v3/<preprocess>`.
+                        Recorded as `inception_v3/<preprocess>`, or
+                        `inception_v3/<preprocess>/unverified` when the
+                        weights file was not converted from the verified
+                        pytorch-fid checkpoint (`inception.weights_verified`).
   `classifier:<data>`   a CNN trained on the dataset's labels (offline FID
                         for digits / MNIST / Fashion-MNIST; NOT Inception FID).
   `auto`                classifier for 1-channel sets, inception_v3 otherwise.
@@ -28,26 +46,93 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from onestep_bench.data.images import ImageArrays, to_uint8
+from onestep_bench.config_check import ConfigError
+from onestep_bench.data.images import (
+  DEFAULT_QUANTIZE,
+  QUANTIZE_MODES,
+  ImageArrays,
+  to_uint8,
+)
 from onestep_bench.evaluators import image_metrics
 from onestep_bench.evaluators.classifier import cache_dir
 
 MAX_REF_FEATURES = 10_000  # real features kept for P/R and KID (ADM: 10k)
+KID_NUM_SUBSETS = 100  # torch-fidelity's defaults
+KID_SUBSET_SIZE = 1000
+
+
+def eval_settings(ev: ml_collections.ConfigDict,
+                  name: str = '<name>') -> dict[str, Any]:
+  """The image-protocol options of `ev`, defaults filled in and checked.
+
+  Args:
+    ev: one eval config (`config.evals.<name>`).
+    name: the eval's name, for error messages.
+
+  Returns:
+    Flat {key: str | int | float | bool}: quantize, is_split_size, pr_k,
+    fid_bootstrap, ref_split, ref_n, and the fixed max_ref_features,
+    kid_num_subsets, kid_subset_size.
+
+  Raises:
+    ConfigError: a value out of range (names the key and the fix).
+  """
+  quantize = ev.get('quantize', DEFAULT_QUANTIZE)
+  if quantize not in QUANTIZE_MODES:
+    raise ConfigError(f'evals.{name}.quantize', quantize,
+                      f'must be one of {QUANTIZE_MODES}',
+                      "'round' (EDM, default) or 'truncate' (ADM).")
+  out: dict[str, Any] = {'quantize': str(quantize)}
+  for key, default, low in (('is_split_size', image_metrics.IS_SPLIT_SIZE, 1),
+                            ('pr_k', 3, 1), ('fid_bootstrap', 10, 0),
+                            ('ref_n', 0, 0)):
+    value = ev.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+        or value < low:
+      raise ConfigError(f'evals.{name}.{key}', value,
+                        f'must be an integer >= {low}',
+                        f'e.g. --config.evals.{name}.{key}={default}.')
+    out[key] = int(value)
+  ref_split = ev.get('ref_split', 'train')
+  if not isinstance(ref_split, str) or not ref_split:
+    raise ConfigError(f'evals.{name}.ref_split', ref_split,
+                      'must be a split name', "e.g. 'train'.")
+  out['ref_split'] = ref_split
+  out.update(max_ref_features=MAX_REF_FEATURES,
+             kid_num_subsets=KID_NUM_SUBSETS, kid_subset_size=KID_SUBSET_SIZE)
+  return out
+
+
+def _inception_weights(ev: ml_collections.ConfigDict) -> str | None:
+  """The resolved Inception weights path, None when there is no file."""
+  from onestep_bench.evaluators import inception  # pylint: disable=g-import-not-at-top
+  try:
+    return inception.resolve_weights_path(ev.get('inception_weights') or None)
+  except FileNotFoundError:
+    return None  # the extractor raises the full message
 
 
 def feature_net_name(dataset: ImageArrays,
                      ev: ml_collections.ConfigDict) -> str:
-  """The resolved feature-network name recorded in every result row."""
+  """The resolved feature-network name recorded in every result row.
+
+  Inception weights not converted from the verified checkpoint get the
+  suffix '/unverified' (read from the weights file's provenance record).
+  """
   name = ev.get('feature_net', 'auto')
   if name == 'auto':
     one_channel = dataset.spec.shape[-1] == 1
     name = f'classifier:{dataset.spec.name}' if one_channel else 'inception_v3'
   if name == 'inception_v3':
-    return f'inception_v3/{ev.get("preprocess", "legacy_tf")}'
+    from onestep_bench.evaluators import inception  # pylint: disable=g-import-not-at-top
+    name = f'inception_v3/{ev.get("preprocess", "legacy_tf")}'
+    path = _inception_weights(ev)
+    if path is not None and not inception.weights_verified(path):
+      name = f'{name}/{inception.UNVERIFIED}'
   return name
 
 
-_EXTRACTORS: dict[str, Any] = {}
+_EXTRACTORS: dict[Any, Any] = {}
 
 
 def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
@@ -59,10 +144,13 @@ def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
         'are available offline). Evaluate this dataset with a decoder or '
         'train on an image dataset.')
   name = feature_net_name(dataset, ev)
-  if name not in _EXTRACTORS:
+  # Inception: one extractor per (name, weights file).
+  key = (name, _inception_weights(ev)) if name.startswith(
+      'inception_v3/') else name
+  if key not in _EXTRACTORS:
     if name.startswith('inception_v3/'):
       from onestep_bench.evaluators.inception import InceptionExtractor  # pylint: disable=g-import-not-at-top
-      _EXTRACTORS[name] = InceptionExtractor(
+      _EXTRACTORS[key] = InceptionExtractor(
           ev.get('inception_weights') or None, mode=name.split('/')[1])
     elif name.startswith('classifier:'):
       if name != f'classifier:{dataset.spec.name}':
@@ -70,11 +158,11 @@ def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
                          f'{dataset.spec.name!r}: a classifier is trained on '
                          'the dataset it evaluates.')
       from onestep_bench.evaluators.classifier import ClassifierExtractor  # pylint: disable=g-import-not-at-top
-      _EXTRACTORS[name] = ClassifierExtractor(dataset)
+      _EXTRACTORS[key] = ClassifierExtractor(dataset)
     else:
       raise ValueError(f"Unknown feature_net {name!r}: use 'auto', "
                        "'inception_v3' or 'classifier:<dataset>'.")
-  return _EXTRACTORS[name]
+  return _EXTRACTORS[key]
 
 
 def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
@@ -143,20 +231,24 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   """FID, bootstrap CI, IS, precision/recall and KID of `samples`.
 
   Args:
-    samples: [N, H, W, C] float in [-1, 1] (rounded to uint8 here).
+    samples: [N, H, W, C] float in [-1, 1] (quantised to uint8 here, by
+      `ev.quantize`).
     dataset: the image dataset (reference split via `ev.ref_split`).
-    ev: the eval config (feature_net, preprocess, ref_split, ref_n,
-      fid_bootstrap, pr_k).
+    ev: the eval config (feature_net, preprocess, inception_weights and the
+      protocol options of `eval_settings`).
     seed: seeds the bootstrap / subset draws.
 
   Returns:
-    Scalar metrics plus a 'reference' dict describing the statistics used.
+    Scalar metrics plus 'reference' (a dict describing the statistics used)
+    and 'settings' (`eval_settings(ev)` plus is_num_splits, the number of
+    IS splits used): both for the harness to move into the row.
   """
+  settings = eval_settings(ev)
   extractor = get_extractor(dataset, ev)
   feature_net = feature_net_name(dataset, ev)
   ref = reference_stats(dataset, extractor, feature_net,
-                        ev.get('ref_split', 'train'), ev.get('ref_n', 0))
-  out = extractor(to_uint8(samples))
+                        settings['ref_split'], settings['ref_n'])
+  out = extractor(to_uint8(samples, settings['quantize']))
   feats = out['features']
   mu, sigma = image_metrics.gaussian_stats(feats)
   m: dict[str, Any] = {
@@ -165,21 +257,27 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   floor = fid_floor(dataset, extractor, ref, len(samples), seed)
   if floor is not None:
     m['fid_floor'] = floor
-  n_boot = int(ev.get('fid_bootstrap', 10))
+  n_boot = settings['fid_bootstrap']
   if n_boot:
     lo, hi = image_metrics.fid_bootstrap_ci(feats, ref['mu'], ref['sigma'],
                                             n_boot=n_boot, seed=seed)
     m['fid_ci_lo'], m['fid_ci_hi'] = float(lo), float(hi)
-  is_mean, is_std = (image_metrics.inception_score(out['logits'])
-                     if 'logits' in out else
-                     image_metrics.inception_score(probs=out['probs']))
+  split = settings['is_split_size']
+  is_mean, is_std = (
+      image_metrics.inception_score(out['logits'], split_size=split)
+      if 'logits' in out else
+      image_metrics.inception_score(probs=out['probs'], split_size=split))
   m['inception_score'], m['inception_score_std'] = float(is_mean), float(
       is_std)
   real = ref['features']
   fake = feats[:MAX_REF_FEATURES].astype(np.float32)
-  p, r = image_metrics.precision_recall(real, fake, k=int(ev.get('pr_k', 3)))
+  p, r = image_metrics.precision_recall(real, fake, k=settings['pr_k'])
   m['precision'], m['recall'] = float(p), float(r)
-  kid_mean, kid_std = image_metrics.kid(real, fake, seed=seed)
+  kid_mean, kid_std = image_metrics.kid(
+      real, fake, num_subsets=KID_NUM_SUBSETS, subset_size=KID_SUBSET_SIZE,
+      seed=seed)
   m['kid'], m['kid_std'] = float(kid_mean), float(kid_std)
   m['reference'] = {**ref['key'], 'cache': ref['path']}
+  m['settings'] = {**settings, 'is_num_splits': len(
+      image_metrics.is_split_rows(len(samples), split))}
   return m

@@ -19,11 +19,14 @@ Reference implementation followed by each function:
   fid_bootstrap_ci    nonparametric bootstrap over the generated features,
                       reference fixed (Efron & Tibshirani 1993: §13.3
                       percentile interval, §10.2 bias estimate).
-  inception_score     lambertae/drifting `utils/fid_util.py`
-                      `_compute_inception_score` (RandomState(2020) shuffle,
-                      N // splits rows per split, 1e-10 inside the logs),
-                      which is torch-fidelity `isc_features_to_metric` up to
-                      that split rule and the epsilon.
+  inception_score     openai/guided-diffusion `evaluations/evaluator.py`
+                      `compute_inception_score` (`split_size=`: consecutive
+                      splits of 5000 rows, the published protocol), or
+                      lambertae/drifting `utils/fid_util.py`
+                      `_compute_inception_score` (`splits=`: RandomState(2020)
+                      shuffle, N // splits rows per split), which is
+                      torch-fidelity `isc_features_to_metric` up to that
+                      split rule; 1e-10 inside the logs (Drifting's).
   precision_recall    Kynkaenniemi et al. 2019, as in openai/guided-diffusion
                       `evaluations/evaluator.py` `ManifoldEstimator`
                       (k = 3, squared distances, `<=` ball test).
@@ -44,6 +47,7 @@ from scipy import linalg
 DEFAULT_N_BOOT = 10  # bootstrap replicates; each costs ~1 cov + 1 eigvalsh
 _CHUNK_ROWS = 4096  # rows per float64 chunk in the covariance accumulation
 IS_EPS = 1e-10  # inside the logs, as in the Drifting IS code
+IS_SPLIT_SIZE = 5000  # rows per IS split in ADM's evaluator (published IS)
 
 
 def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
@@ -332,18 +336,47 @@ def _softmax64(logits: np.ndarray) -> np.ndarray:
   return z
 
 
+def is_split_rows(n: int, split_size: int) -> list[slice]:
+  """ADM's Inception Score splits of `n` rows: consecutive `split_size` rows.
+
+  openai/guided-diffusion `evaluations/evaluator.py`
+  `compute_inception_score(activations, split_size=5000)` loops
+  `for i in range(0, len(preds), split_size)`: rows in their given order,
+  ceil(n / split_size) splits, the last one partial when split_size does
+  not divide n, and a single split of all n rows when n < split_size.
+  """
+  if n < 1 or split_size < 1:
+    raise ValueError(f'Need n >= 1 and split_size >= 1, got n={n}, '
+                     f'split_size={split_size}.')
+  return [slice(i, min(i + split_size, n)) for i in range(0, n, split_size)]
+
+
 def inception_score(logits: np.ndarray | None = None, splits: int = 10,
                     seed: int = 2020, *,
-                    probs: np.ndarray | None = None) -> tuple[float, float]:
-  """Inception Score, mean and std over splits (Drifting / torch-fidelity).
+                    probs: np.ndarray | None = None,
+                    split_size: int | None = None) -> tuple[float, float]:
+  """Inception Score, mean and std over splits (ADM or Drifting splits).
 
-  Rows are shuffled with `np.random.RandomState(seed).permutation(N)` and
-  cut into `splits` consecutive splits of N // splits rows (Drifting's rule:
-  the last N % splits shuffled rows are dropped; torch-fidelity instead uses
-  all rows with boundaries i * N // splits — identical when splits divides
-  N, e.g. 50k). Per split, with p(y) the split mean of p(y|x):
+  Per split s, with p(y) the split mean of p(y|x):
     IS_s = exp(mean_x sum_y p(y|x) (log(p(y|x) + 1e-10) - log(p(y) + 1e-10))).
-  Returns mean and (population, ddof 0) std of IS_s.
+  Returns mean and (population, ddof 0) std of IS_s. The 1e-10 keeps
+  0 log 0 finite (ADM has no epsilon; Drifting has this one).
+
+  Splits, by argument:
+    split_size=S (ADM, `is_split_rows`; what the evaluator uses, S = 5000
+      by default): rows in their given order, consecutive splits of S rows,
+      the last one partial; N < S gives one split of all N rows (std 0).
+      `splits` and `seed` are ignored. The published ImageNet / CIFAR
+      numbers are N = 50k, i.e. 10 splits of 5000. IS is biased low at
+      small split sizes (p(y) is estimated from fewer rows; an IS of C
+      distinct one-hot classes needs >> C rows per split), so a number at
+      N < 50k or S != 5000 is not comparable with the published ones.
+    split_size=None: Drifting's rule (lambertae/drifting
+      `utils/fid_util.py` `_compute_inception_score`): rows shuffled with
+      `np.random.RandomState(seed).permutation(N)` and cut into `splits`
+      consecutive splits of N // splits rows (the last N % splits shuffled
+      rows dropped; torch-fidelity `isc_features_to_metric` uses all rows
+      with boundaries i * N // splits — identical when splits divides N).
 
   Pass exactly one of:
     logits: [N, C] class logits (Inception: the 1008 bias-free logits);
@@ -354,9 +387,12 @@ def inception_score(logits: np.ndarray | None = None, splits: int = 10,
 
   Args:
     logits: see above.
-    splits: number of splits (10 in ADM, torch-fidelity and Drifting).
-    seed: shuffle seed (2020 in torch-fidelity and Drifting).
+    splits: number of splits for the Drifting rule (10 in torch-fidelity
+      and Drifting).
+    seed: shuffle seed for the Drifting rule (2020 in torch-fidelity and
+      Drifting).
     probs: see above.
+    split_size: rows per split for ADM's rule (see above).
 
   Returns:
     (mean, std) over the splits; uniform predictions give (1, 0), one-hot
@@ -371,14 +407,17 @@ def inception_score(logits: np.ndarray | None = None, splits: int = 10,
   if probs is not None and x.min() < 0:
     raise ValueError('probs must be non-negative.')
   n = x.shape[0]
-  if splits < 1 or n < splits:
-    raise ValueError(f'Need 1 <= splits <= N, got splits={splits}, N={n}.')
-  perm = np.random.RandomState(seed).permutation(n)
-  size = n // splits
-  scores = np.empty(splits)
-  for i in range(splits):
-    rows = x[perm[i * size:(i + 1) * size]]
-    part = _softmax64(rows) if probs is None else rows.astype(np.float64)
+  if split_size is not None:
+    rows = [x[sl] for sl in is_split_rows(n, int(split_size))]
+  else:
+    if splits < 1 or n < splits:
+      raise ValueError(f'Need 1 <= splits <= N, got splits={splits}, N={n}.')
+    perm = np.random.RandomState(seed).permutation(n)
+    size = n // splits
+    rows = [x[perm[i * size:(i + 1) * size]] for i in range(splits)]
+  scores = np.empty(len(rows))
+  for i, part in enumerate(rows):
+    part = _softmax64(part) if probs is None else part.astype(np.float64)
     py = part.mean(axis=0, keepdims=True)
     kl = part * (np.log(part + IS_EPS) - np.log(py + IS_EPS))
     scores[i] = np.exp(kl.sum(axis=1).mean())

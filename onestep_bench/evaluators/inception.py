@@ -41,11 +41,30 @@ The two give different FIDs for small images; never mix them in one table.
 Weights: convert pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` with
 `python -m onestep_bench.evaluators.convert_inception` (see
 `resolve_weights_path`). Files are plain `.npz`, loaded without pickle.
+
+Provenance (recorded in every result row through the feature-net name):
+  source   the converter checks the full sha256 of the .pth,
+           `TORCH_WEIGHTS_SHA256` = 6726825d0af5f729cebd5821db510b11
+           b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes; the hash
+           independent projects pin for that release URL; its first 8 hex
+           digits are the file name's torch-hub suffix).
+  output   the converted `.npz` stores `__meta__` (JSON): `verified` (the
+           source matched that hash), `source_sha256`. The output is
+           deterministic (keys sorted; numpy's `savez` writes fixed zip
+           timestamps), so the official conversion has one sha256,
+           `OFFICIAL_NPZ_SHA256`. It cannot be computed without the real
+           weights (not downloadable here): it is None until recorded from
+           the first official conversion (`convert_inception` prints it);
+           once set, a file claiming `verified` with another hash is refused.
+  label    a file converted with `--allow_unverified`, or an older file
+           without `__meta__`, is labelled `inception_v3/<preprocess>/
+           unverified` (`feature_net_name`), never like the official one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -73,6 +92,13 @@ TORCH_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/'
                      f'download/fid_weights/{TORCH_WEIGHTS_NAME}')
 # torch-hub convention: the name's hash suffix is a sha256 prefix of the file.
 TORCH_WEIGHTS_SHA256_PREFIX = '6726825d'
+TORCH_WEIGHTS_SHA256 = ('6726825d0af5f729cebd5821db510b11'
+                        'b1cfad8faad88a03f1befd49fb9129b2')
+# sha256 of the official conversion's .npz: record it here from the first
+# conversion of the verified source (see the module docstring).
+OFFICIAL_NPZ_SHA256: str | None = None
+META_KEY = '__meta__'  # JSON provenance record inside a converted .npz
+UNVERIFIED = 'unverified'  # feature-net name suffix for unverified weights
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _BN_SUFFIXES = ('bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var')
@@ -515,15 +541,58 @@ def file_sha256(path: str) -> str:
 def load_params(path: str) -> dict[str, np.ndarray]:
   """Unfolded float32 params from a converted `.npz` (never unpickles)."""
   with np.load(path, allow_pickle=False) as f:
-    params = {k: np.asarray(f[k], np.float32) for k in f.files}
+    params = {k: np.asarray(f[k], np.float32) for k in f.files
+              if k != META_KEY}
   check_params(params)
   return params
 
 
-def save_params(params: Params, path: str) -> None:
-  """Writes unfolded params to `path` (.npz, no pickles), atomically."""
+def load_meta(path: str) -> dict[str, Any]:
+  """The provenance record of a converted `.npz` ({} for older files)."""
+  with np.load(path, allow_pickle=False) as f:
+    if META_KEY not in f.files:
+      return {}
+    return json.loads(f[META_KEY].tobytes().decode())
+
+
+def weights_verified(path: str) -> bool:
+  """Whether the file at `path` was converted from the verified source.
+
+  False for `--allow_unverified` conversions and for files without a
+  provenance record (written before it existed: re-convert them).
+
+  Raises:
+    ValueError: the file claims `verified` but its sha256 differs from
+      `OFFICIAL_NPZ_SHA256` (when that is recorded).
+  """
+  verified = bool(load_meta(path).get('verified', False))
+  if verified and OFFICIAL_NPZ_SHA256 is not None:
+    sha = file_sha256(path)
+    if sha != OFFICIAL_NPZ_SHA256:
+      raise ValueError(
+          f'{path} claims to be the verified FID Inception conversion, but '
+          f'its sha256 {sha} is not the official {OFFICIAL_NPZ_SHA256}. '
+          'Re-run convert_inception on the verified source.')
+  return verified
+
+
+def save_params(params: Params, path: str, *, verified: bool = False,
+                source_sha256: str | None = None) -> None:
+  """Writes unfolded params + provenance to `path` (.npz), atomically.
+
+  Keys are written sorted, so the same params give the same bytes.
+
+  Args:
+    params: unfolded params (`param_shapes()`).
+    path: output file.
+    verified: the params come from the source with `TORCH_WEIGHTS_SHA256`.
+    source_sha256: sha256 of the source file, recorded as given.
+  """
   check_params(params)
-  arrays = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  arrays = {k: np.asarray(params[k], np.float32) for k in sorted(params)}
+  meta = {'verified': bool(verified), 'source_sha256': source_sha256}
+  arrays[META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(),
+                                   np.uint8)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
   with open(tmp, 'wb') as f:
@@ -551,6 +620,7 @@ class InceptionExtractor:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
     self._path = resolve_weights_path(weights_path)
     self._sha256 = file_sha256(self._path)
+    self._verified = weights_verified(self._path)
     self._mode = mode
     self.batch_size = int(batch_size)
     self._params = jax.device_put(fold_batchnorm(load_params(self._path)))
@@ -560,6 +630,17 @@ class InceptionExtractor:
   def name(self) -> str:
     """Feature network name (a CSV column)."""
     return NAME
+
+  @property
+  def verified(self) -> bool:
+    """Whether the weights were converted from the verified source."""
+    return self._verified
+
+  @property
+  def feature_net(self) -> str:
+    """`inception_v3/<mode>`, plus `/unverified` for unverified weights."""
+    name = f'{NAME}/{self._mode}'
+    return name if self._verified else f'{name}/{UNVERIFIED}'
 
   @property
   def mode(self) -> str:
