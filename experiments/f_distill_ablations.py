@@ -1,4 +1,4 @@
-"""f-distill ablations on toy 2D with unequal mode weights (spec §3.9).
+"""f-distill ablations, unequal toy modes (docs/methods/f_distill.md §3.9).
 
 8 modes with weights ∝ 8, 7, ..., 1 (`toy2d:8gaussians_imbalanced`): the
 mode-seeking reverse KL (= DMD) should under-weight or drop small modes,

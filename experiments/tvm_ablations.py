@@ -1,4 +1,4 @@
-"""TVM ablations (arXiv 2511.19797 design choices, spec §2.3-§2.5).
+"""TVM ablations (arXiv 2511.19797; docs/methods/tvm.md §2.3-§2.5).
 
 Toy 2D (the default BASE, MLP backbone, unlabelled):
   make sweep EXP=tvm_ablations SWEEP=teacher_ema

@@ -1,4 +1,4 @@
-"""Maths and contract tests of methods/drifting.py (spec §1.12)."""
+"""Maths and contract tests of drifting (docs/methods/drifting.md §1.12)."""
 
 import jax
 import jax.numpy as jnp
