@@ -521,6 +521,15 @@ class Method(base.Method):
     return optax.chain(*chain)
 
   # ------------------------------------------------------------- state
+  def upstream_compute(self) -> dict[str, float | None]:
+    """The teacher run's total training FLOPs (its summary.json)."""
+    wd = self.mcfg.teacher_workdir
+    if not wd:
+      return {}
+    from onestep_bench.runs import read_summary  # pylint: disable=g-import-not-at-top
+    s = read_summary(wd)
+    return {f'teacher:{wd}': s.get('total_train_flops')}
+
   def init(self, key, example_batch):
     """Student, EMA, fake score = teacher; fresh D; ratio bins = 1."""
     del example_batch

@@ -546,6 +546,27 @@ def _train_step(mae: MAE, scale: float, params, opt, ema, i: jax.Array,
   return params, opt, ema, loss
 
 
+def pretrain_flops(dataset: ImageArrays, recipe: dict[str, Any]) -> float:
+  """Matmul/conv FLOPs of the whole MAE pre-training (`train`).
+
+  Counted on the jaxpr of one `_train_step`, × `recipe['steps']` (shapes
+  only: nothing runs).
+  """
+  from onestep_bench.flops import count_flops  # pylint: disable=g-import-not-at-top
+  r = recipe
+  mae = MAE(dataset.spec.shape, r)
+  params = jax.eval_shape(lambda: mae.init(r['seed']))
+  opt = jax.eval_shape(_optimizer(r).init, params)
+  x_tr = jax.ShapeDtypeStruct((r['batch'], *dataset.spec.shape),
+                              dataset.split_images(dataset.train_split)[0]
+                              .dtype)
+  flops, _ = count_flops(
+      lambda p, o, e, i, x, k: _train_step(mae, dataset.scale, p, o, e, i, x,
+                                           k),
+      params, opt, params['encoder'], jnp.int32(0), x_tr, jax.random.key(0))
+  return flops * r['steps']
+
+
 def _to_input(x: jax.Array, scale: float = 1.0) -> jax.Array:
   """uint8 pixels -> [-1, 1]; float latents -> x * scale (as ImageArrays)."""
   return to_float(x) if x.dtype == jnp.uint8 else x * scale
@@ -693,6 +714,7 @@ def train(dataset: ImageArrays, recipe: dict[str, Any]
   jax.block_until_ready(ema)
   info: dict[str, Any] = dict(
       dataset=dataset.spec.name, shape=list(shape), recipe=r,
+      train_flops=pretrain_flops(dataset, r),
       code_version=CODE_VERSION, train_seconds=time.perf_counter() - t0,
       train_cpu_seconds=time.process_time() - c0, train_loss_curve=losses)
   t1, c1 = time.perf_counter(), time.process_time()
@@ -833,6 +855,8 @@ def load_or_train(dataset: ImageArrays, recipe: dict[str, Any] | None = None,
     info['cache_key'] = key
     save(path, params, info)
     params, info = load(path, abstract, key)  # exactly what a hit returns
+  if 'train_flops' not in info:  # caches written before FLOPs were counted
+    info = {**info, 'train_flops': pretrain_flops(dataset, r)}
   return FrozenEncoder(shape, params, info, max_locations=max_locations,
                        block_features=block_features)
 
