@@ -57,7 +57,10 @@ _UNET_SMALL = dict(name='unet', channels=16, channel_mult=(1, 2),
                    norm_groups=8, freq_dim=64)
 _IMAGE_EVAL = dict(nfe=(1, 2, 4), n_samples=10_000, batch_size=1000,
                    feature_net='auto', preprocess='legacy_tf',
-                   ref_split='train', ref_n=0, fid_bootstrap=10, pr_k=3)
+                   ref_split='train', ref_n=0, fid_bootstrap=10, pr_k=3,
+                   # uint8 rounding as EDM (ADM truncates: 'truncate'); IS
+                   # over 5000-sample splits as the ADM evaluator.
+                   quantize='round', is_split_size=5000)
 # Quality vs NFE on one sample count (FID-2K is its own metric, never ranked
 # with the main eval's FID-10K / FID-5K).
 _NFE_SWEEP = dict(_IMAGE_EVAL, nfe=(1, 2, 4, 8, 16, 32, 100), n_samples=2000,

@@ -211,6 +211,9 @@ def validate(config: ml_collections.ConfigDict, method: Any) -> None:
                         type(method).__module__)
   if config.get('mesh') is not None:
     check_mesh(config.mesh)
+  from onestep_bench import curve  # pylint: disable=g-import-not-at-top
+  curve.validate(config, None if isinstance(method, type)
+                 else method.supported_nfe)
   method.validate_config(config)
 
 
@@ -380,6 +383,9 @@ def check_eval(config: ml_collections.ConfigDict, name: str,
   for k in ('ref_n', 'fid_bootstrap'):
     if ev.get(k) is not None:
       require_int(ev, p, k, 0)
+  if not str(config.data.name).startswith('toy2d:'):
+    from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
+    image_eval.eval_settings(ev, name)  # quantize, IS split size, ...
   if ev.get('pr_k') is not None:
     k = require_int(ev, p, 'pr_k', example=3)
     if k >= n:

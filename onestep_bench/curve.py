@@ -115,3 +115,40 @@ def regressed(points: list[dict[str, Any]], factor: float
                    'final_step': ps[-1]['step'], 'ratio': ratio,
                    'regressed': bad})
   return {'regressed': flag, 'detail': detail}
+
+
+def validate(config: ml_collections.ConfigDict, supported: Any = None
+             ) -> None:
+  """Checks `config.curve` (before any compute); ConfigError if bad.
+
+  `supported` (the method's `supported_nfe`, when known) must meet
+  `curve.nfe`, so a curve point never fails in the middle of training.
+  """
+  from onestep_bench.config_check import ConfigError  # pylint: disable=g-import-not-at-top
+  cc = config.get('curve')
+  if cc is None or not cc.get('fractions'):
+    return
+  fr = cc.fractions
+  if not isinstance(fr, (tuple, list)) or not all(
+      isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+      for f in fr):
+    raise ConfigError('curve.fractions', fr, 'must be a tuple of numbers in '
+                      '(0, 1]', 'e.g. --config.curve.fractions="(0.25, 1.0)"'
+                      ' (or () for no in-training evaluations)')
+  nfe = cc.get('nfe')
+  if not isinstance(nfe, (tuple, list)) or not nfe or not all(
+      isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in nfe):
+    raise ConfigError('curve.nfe', nfe, 'must be a non-empty tuple of '
+                      'ints >= 1', 'e.g. --config.curve.nfe="(1,)"')
+  if supported is not None and not any(k in supported for k in nfe):
+    raise ConfigError('curve.nfe', tuple(nfe), f'has no value the sampler '
+                      f'supports ({supported!r})',
+                      'e.g. --config.curve.nfe="(1,)"')
+  n = cc.get('n_samples')
+  if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+    raise ConfigError('curve.n_samples', n, 'must be an int >= 2',
+                      'e.g. --config.curve.n_samples=2000')
+  f = cc.get('regress_factor', 2.0)
+  if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 1:
+    raise ConfigError('curve.regress_factor', f, 'must be a number > 1',
+                      'e.g. --config.curve.regress_factor=2.0')
