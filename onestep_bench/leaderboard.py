@@ -2,11 +2,11 @@
 
 `rows_from_summary(summary)` turns a run's summary.json into runs.csv rows:
 one per (eval, nfe, metric) of the final evaluation, plus one per in-training
-curve point (`eval=curve`, with its `step` and FLOPs). `rebuild` regenerates
-`results/leaderboard/<dataset>.csv` (latest row per seed, mean / std / 95% CI
-over seeds) and `results/LEADERBOARD.md`. Recording and the CLI live in
-`onestep_bench/results.py`; CSV locking in `csvstore.py`. Schema:
-results/README.md.
+curve point (`eval=curve`, with its `step` and FLOPs). `aggregate` makes the
+wide per-dataset tables of `results/leaderboard/<dataset>.csv` (latest row
+per seed, mean / std / 95% CI over seeds). LEADERBOARD.md is rendered by
+`board_md.py`; recording, rebuilding and the CLI live in `results.py`; CSV
+locking in `csvstore.py`. Schema: results/README.md.
 
 What is never ranked together: rows of different feature spaces (feature
 net, its weights hash, reference statistics, evaluator settings), sample
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import stats
-
-from onestep_bench.csvstore import atomic_write, csv_text, locked, read_csv
 
 RUN_COLUMNS = [
     'timestamp', 'method', 'dataset', 'protocol', 'conditional', 'guidance',
@@ -239,143 +236,7 @@ def _sort_key(r: Mapping[str, Any], prim: str | None) -> tuple[Any, ...]:
           r['method'])
 
 
-def _cell(r: Mapping[str, Any], m: str) -> str:
-  mean, std = r.get(f'{m}_mean', ''), r.get(f'{m}_std', '')
-  if mean == '':
-    return '–'
-  s = f'{_num(mean):.4g}' + ('' if std == '' else f' ± {_num(std):.2g}')
-  floor = r.get(f'{m}_floor_mean', '')
-  return s + ('' if floor == '' else f' (floor {_num(floor):.2g})')
-
-
-def _shown_metrics(metrics: Sequence[str]) -> list[str]:
-  """Primary metric, then headline ones, then the rest; at most 5."""
-  prim = primary_metric(metrics)
-  rest = [m for m in metrics if not m.endswith('_floor')
-          and m not in (prim, EFFECTIVE_NFE)]
-  head = [m for m in rest if m in HEADLINE_METRICS or m.startswith(
-      ('fid', 'is_'))]
-  shown = [prim, *head, *(m for m in rest if m not in head)]
-  return [m for m in shown if m][:MD_MAX_METRICS]
-
-
-def _flops(x: Any) -> str:
-  return '–' if x in ('', None) else f'{_num(x):.2e}'
-
-
-def _cost_cells(r: Mapping[str, Any]) -> list[str]:
-  """Effective NFE (*: inexact), total train FLOPs, params (‡: > ref)."""
-  eff = r.get(f'{EFFECTIVE_NFE}_mean', '')
-  eff = '–' if eff == '' else f'{_num(eff):.3g}' + (
-      '*' if r.get('flops_exact') == 'false' else '')
-  own, total = r.get('train_flops', ''), r.get('total_train_flops', '')
-  train = _flops(total if total != '' else own) + (
-      f' (own {_flops(own)})' if total not in ('', own) and own != ''
-      and _num(total) > 1.001 * _num(own) else '')
-  if r.get('train_flops_exact') == 'false':
-    train += '*'
-  p, ref = _num(r.get('params', '')), _num(r.get('reference_params', ''))
-  params = '–' if math.isnan(p) else f'{p / 1e3:.4g}k'
-  if not math.isnan(ref) and p > 1.001 * ref:
-    params += f' ‡{p / ref:.2f}×'
-  return [eff, train, params]
-
-
-_MD_INTRO = [
-    '# Leaderboard', '', '**Generated file, do not edit**: made from '
-    '`runs.csv` by `make leaderboard` (and by every `make bench`). '
-    'Schema and conventions: [README.md](README.md).', '',
-    'Mean ± std over seeds (ddof=1; no ± for one seed; 95% CIs in the CSVs). '
-    '↓ lower is better, ↑ higher is better. `floor`: the score of an exact '
-    'sample of the same size (a perfect model scores the floor, not 0). '
-    '`eff. NFE`: sampling FLOPs / one forward of the protocol\'s reference '
-    'backbone (the same unit for every method; `*` = inexact count). '
-    '`train FLOPs`: the jitted train step counted on its jaxpr × steps, plus '
-    'the runs the method depends on (teacher, encoder pre-training; `own` = '
-    'this run alone). `‡k×`: the model has k× the reference backbone\'s '
-    'parameters. ⚠ `regressed`: the final score is worse than 2× the '
-    'run\'s best in-training score. Each table is one feature space '
-    '(feature net + weights hash + reference statistics + evaluator '
-    'settings); only `bench` tables are the headline, rows from uncommitted '
-    'code (`bench+dirty`) and other protocols are listed apart and are not '
-    'comparable.', '']
-
-
-def _section_title(key: tuple[str, ...]) -> str:
-  b, cond, g, ev, n, fnet, fw, ref, _ = key
-  title = b if b == 'bench' else f'{b} (not comparable)'
-  if cond == 'true':
-    title += ', class-conditional' + (f', guidance {g}' if g else '')
-  return (f'{title}, eval `{ev}` ({n} samples), features `{fnet}` '
-          f'(weights `{fw[:8]}`, ref `{ref[:8]}`)')
-
-
-def markdown(tables: Tables) -> str:
-  """LEADERBOARD.md from `aggregate`'s output."""
-  out = list(_MD_INTRO)
-  if not tables:
-    out.append('No runs recorded yet.')
-  for ds in sorted(tables):
-    wide, metrics = tables[ds]
-    out += [f'## {ds}', '', 'Ranked by the first metric column within each '
-            'NFE. All metrics: '
-            f'[leaderboard/{slug(ds)}.csv](leaderboard/{slug(ds)}.csv).', '']
-    sections: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for r in wide:
-      sections.setdefault((r['board'], r['conditional'], r['guidance'],
-                           r['eval'], r['n_samples'],
-                           *(r[c] for c in FEATURE_SPACE)), []).append(r)
-    spaces: dict[tuple[str, ...], int] = {}
-    for key in sections:
-      spaces[key[:4]] = spaces.get(key[:4], 0) + 1
-    for key, rs in sections.items():
-      present = [m for m in metrics
-                 if any(r.get(f'{m}_mean', '') != '' for r in rs)]
-      shown = _shown_metrics(present)
-      rs = sorted(rs, key=lambda r, m=shown[0] if shown else None:
-                  _sort_key(r, m))
-      out += [f'### {_section_title(key)}', '']
-      if spaces[key[:4]] > 1:
-        out += ['Another table of this eval uses a different feature space '
-                'or sample count (weights, reference statistics or '
-                'evaluator settings): the tables are not comparable.', '']
-      out += ['| method | NFE | eff. NFE | samples | seeds | ' + ' | '.join(
-          f'{m} {arrow(m)}' for m in shown)
-              + ' | train FLOPs | params | command |',
-              '|---' * (len(shown) + 8) + '|']
-      fixed = key[0].removesuffix(DIRTY) in FIXED_PROTOCOLS
-      for r in rs:  # Non-fixed protocols: one row per config, so name it.
-        mark = ' †' if ' ' in r['config_hash'] else (
-            '' if fixed else f' `{r["config_hash"]}`')
-        if r.get('regressed'):
-          mark += f' ⚠ regressed (seed {r["regressed"]})'
-        cmd = str(r['command']).replace('|', '\\|')
-        eff, train, params = _cost_cells(r)
-        out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {eff} | '
-                   f'{r["n_samples"]} | {r["n_seeds"]} | '
-                   + ' | '.join(_cell(r, m) for m in shown)
-                   + f' | {train} | {params} | `{cmd}` |')
-      out.append('')
-      if any(' ' in r['config_hash'] for r in rs):
-        out += ['† seeds ran with different configs (see `config_hash` in '
-                'the CSV).', '']
-  return '\n'.join(out).rstrip() + '\n'
-
-
-def rebuild(results_dir: str = 'results',
-            datasets: Sequence[str] | None = None) -> list[str]:
-  """Regenerates leaderboard CSVs (for `datasets`, default all) + the .md."""
-  runs = os.path.join(results_dir, 'runs.csv')
-  with locked(runs):  # No stale rebuild can overwrite a newer one.
-    tables = aggregate(read_csv(runs))
-    written = []
-    for ds in tables if datasets is None else datasets:
-      if ds in tables:
-        path = os.path.join(results_dir, 'leaderboard', slug(ds) + '.csv')
-        wide, metrics = tables[ds]
-        cols = [f'{m}_{s}' for m in metrics for s in ('mean', 'std', 'ci95')]
-        atomic_write(path, csv_text(wide, [*_WIDE_ID, *cols, *_WIDE_TAIL]))
-        written.append(path)
-    md = os.path.join(results_dir, 'LEADERBOARD.md')
-    atomic_write(md, markdown(tables))
-  return [*written, md]
+def wide_columns(metrics: Sequence[str]) -> list[str]:
+  """Columns of `leaderboard/<dataset>.csv` for a dataset's metrics."""
+  cols = [f'{m}_{s}' for m in metrics for s in ('mean', 'std', 'ci95')]
+  return [*_WIDE_ID, *cols, *_WIDE_TAIL]

@@ -16,8 +16,38 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from onestep_bench import leaderboard, plots
-from onestep_bench.csvstore import atomic_append
+from onestep_bench import board_md, leaderboard, plots
+from onestep_bench.csvstore import (
+  atomic_append,
+  atomic_write,
+  csv_text,
+  locked,
+  read_csv,
+)
+
+
+def rebuild(results_dir: str = 'results',
+            datasets: Sequence[str] | None = None) -> list[str]:
+  """Regenerates leaderboard CSVs (for `datasets`, default all) + the .md."""
+  runs = os.path.join(results_dir, 'runs.csv')
+  with locked(runs):  # No stale rebuild can overwrite a newer one.
+    rows = read_csv(runs)
+    tables = leaderboard.aggregate(rows)
+    curves: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+      if r['eval'] == leaderboard.CURVE_EVAL:
+        curves.setdefault(r['dataset'], []).append(r)
+    written = []
+    for ds in tables if datasets is None else datasets:
+      if ds in tables:
+        path = os.path.join(results_dir, 'leaderboard',
+                            leaderboard.slug(ds) + '.csv')
+        wide, metrics = tables[ds]
+        atomic_write(path, csv_text(wide, leaderboard.wide_columns(metrics)))
+        written.append(path)
+    md = os.path.join(results_dir, 'LEADERBOARD.md')
+    atomic_write(md, board_md.markdown(tables, curves))
+  return [*written, md]
 
 
 def record(summary: Mapping[str, Any],
@@ -26,7 +56,7 @@ def record(summary: Mapping[str, Any],
   rows = leaderboard.rows_from_summary(summary)
   atomic_append(os.path.join(results_dir, 'runs.csv'), rows,
                 leaderboard.RUN_COLUMNS)
-  leaderboard.rebuild(results_dir, datasets=[summary['dataset']])
+  rebuild(results_dir, datasets=[summary['dataset']])
   plots.run_figures(summary, results_dir)
   plots.regenerate(results_dir, datasets=[summary['dataset']])
   return rows
@@ -39,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--results_dir', default='results',
                       help='Directory holding runs.csv (default: results).')
   args = parser.parse_args(argv)
-  for path in [*leaderboard.rebuild(args.results_dir),
+  for path in [*rebuild(args.results_dir),
                *plots.regenerate(args.results_dir)]:
     print(path)
 

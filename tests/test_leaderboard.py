@@ -40,7 +40,7 @@ def _summary(tmp_path, seed, sw2, method='method_a', n=1000, nfes=(1,),
 
 
 def _board(res):
-  return lb.read_csv(str(res / 'leaderboard' / 'toy2d__8gaussians.csv'))
+  return csvstore.read_csv(str(res / 'leaderboard' / 'toy2d__8gaussians.csv'))
 
 
 def test_mean_std_over_two_seeds(tmp_path):
@@ -58,7 +58,7 @@ def test_mean_std_over_two_seeds(tmp_path):
   assert float(row['hq_frac_std']) == pytest.approx(0.0)
   assert row['n_seeds'] == '2' and row['seeds'] == '0 1'
   assert row['command'] == 'make bench METHOD=method_a SEED=1'  # latest
-  assert len(lb.read_csv(str(res / 'runs.csv'))) == 8
+  assert len(csvstore.read_csv(str(res / 'runs.csv'))) == 8
 
 
 def test_rerecording_a_seed_replaces_it(tmp_path):
@@ -70,7 +70,7 @@ def test_rerecording_a_seed_replaces_it(tmp_path):
   assert float(row['sliced_w2_mean']) == pytest.approx(3.0)
   assert float(row['sliced_w2_std']) == pytest.approx(np.sqrt(8.0))
   assert row['n_seeds'] == '2'
-  assert len(lb.read_csv(str(res / 'runs.csv'))) == 12  # history is kept
+  assert len(csvstore.read_csv(str(res / 'runs.csv'))) == 12  # history is kept
 
 
 def test_different_sample_counts_never_aggregated(tmp_path):
@@ -107,7 +107,8 @@ def test_markdown(tmp_path):
   res = tmp_path / 'results'
   results.record(_summary(tmp_path, 0, 1.0, 'method_a'), str(res))
   results.record(_summary(tmp_path, 1, 3.0, 'method_a'), str(res))
-  results.record(_summary(tmp_path, 0, 2.0, 'method_b', protocol='smoke'), str(res))
+  results.record(_summary(tmp_path, 0, 2.0, 'method_b', protocol='smoke'),
+                 str(res))
   md = (res / 'LEADERBOARD.md').read_text(encoding='utf-8')
   assert 'do not edit' in md and '`make leaderboard`' in md
   assert '## toy2d:8gaussians' in md
@@ -137,7 +138,8 @@ _PAD = 'x' * 300 + ', "quoted", done'
 def _append_worker(path, worker, barrier):
   barrier.wait()
   for i in range(5):
-    csvstore.atomic_append(path, [{'worker': worker, 'i': i, 'pad': _PAD}], _COLS)
+    csvstore.atomic_append(path, [{'worker': worker, 'i': i, 'pad': _PAD}],
+                           _COLS)
 
 
 # fork, not spawn (16 fresh interpreters take ~10 s on 2 cores): the children

@@ -207,3 +207,38 @@ def test_conditional_cfg_end_to_end(method, tmp_path, cheap_classifier):
              len(r['feature_weights']) == 16 for r in rows)
   vals = {r['guidance']: float(r['value']) for r in rows}
   assert vals['1.0'] != vals['2.0']  # guidance reached the sampler
+
+
+def test_significance_marks_ties_and_real_gaps(tmp_path):
+  from onestep_bench import rankings  # pylint: disable=g-import-not-at-top
+  res = str(tmp_path / 'res')
+  for seed, (a, b, c) in enumerate([(1.0, 1.05, 3.0), (1.1, 0.95, 3.1),
+                                    (0.9, 1.1, 2.9)]):
+    for m, v in (('m_a', a), ('m_b', b), ('m_c', c)):
+      results.record(_summary(tmp_path, seed, v, m), res)
+  board = read_csv(f'{res}/leaderboard/toy2d__8gaussians.csv')
+  marks = {r['method']: rankings.significance(board, 'sliced_w2', True)[
+      id(r)] for r in board}
+  assert marks['m_a'] == 'best' or marks['m_b'] == 'best'
+  tie = marks['m_b'] if marks['m_a'] == 'best' else marks['m_a']
+  assert tie.startswith('≈'), marks  # 1.0 vs 1.03 over 3 seeds: noise
+  assert marks['m_c'].startswith('worse'), marks
+  assert all(float(r['sliced_w2_ci95']) > 0 for r in board)
+  md = open(f'{res}/LEADERBOARD.md', encoding='utf-8').read()
+  assert '≈ (p=' in md and 'worse (p=' in md
+  assert '### bench at equal sampling cost' in md
+
+
+def test_equal_training_compute_reads_the_curves():
+  from onestep_bench import rankings  # pylint: disable=g-import-not-at-top
+  def row(m, step, flops, v, seed='0'):
+    return {'method': m, 'seed': seed, 'step': str(step), 'nfe': '1',
+            'metric': 'sliced_w2', 'n_samples': '200', 'value': str(v),
+            'total_train_flops': str(flops)}
+  rows = [row('fast', 1, 1e9, 0.5), row('fast', 2, 2e9, 0.2),
+          row('slow', 1, 3e9, 0.4), row('slow', 2, 6e9, 0.1),
+          row('student', 1, 5e9, 0.05)]  # first point above F* = 2e9
+  v = rankings.equal_training_compute(rows, 'sliced_w2', True)
+  assert v['flops'] == 2e9
+  got = {m: s for m, s, _, _ in v['rows']}
+  assert got == {'fast': 0.2, 'slow': None, 'student': None}
