@@ -1,8 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the one training + evaluation loop.
 
-Shared by every method. Read top to bottom: setup, state (fresh or resumed),
-the jitted multi-step dispatch, the loop (logging, non-finite check,
-checkpoints, preemption), evaluation, summary.
+Shared by every method. Read top to bottom: setup (`build_state`, shared
+with experiments/perf.py), state (fresh or resumed), the jitted multi-step
+dispatch, the loop (logging, non-finite check, checkpoints, preemption),
+evaluation, summary. Over 400 lines because that loop is one function on
+purpose: one place to read what a run does, in order.
 
 RNG: step `i` uses `fold_in(root, i)` (split into data / method keys), and
 batches are drawn inside the jitted step, so a resumed run is bitwise equal
@@ -11,6 +13,7 @@ to an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -192,6 +195,48 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
   return chunk
 
 
+@dataclasses.dataclass
+class BuiltState:
+  """What `build_state` sets up for training (or timing) a method."""
+
+  dataset: data.Dataset
+  method: Method
+  mesh: jax.sharding.Mesh
+  state: TrainState       # fresh, placed by `state_sharding`
+  state_sharding: Any     # replicated, or FSDP-sharded (config.mesh)
+  arrays: Any             # the dataset's arrays, replicated on the mesh
+
+
+def build_state(config: ml_collections.ConfigDict,
+                init_key: jax.Array) -> BuiltState:
+  """Data, method (validated, prepared), mesh and the initial sharded state.
+
+  The set-up shared by `train_and_evaluate` and experiments/perf.py. Shapes
+  come first (`eval_shape`): a bad backbone config (e.g. image size vs
+  patch size) fails before anything compiles; then the jitted `init` places
+  the state by its shardings, and the data go to every device.
+  """
+  dataset = data.build(config.data)
+  method = load_method(config, dataset.spec)
+  config_check.validate(config, method)  # every key, before any compute
+  method.prepare(dataset)  # frozen encoders / teachers (host side)
+  mesh = sharding.make_mesh(config.mesh)
+  batch = config.train.batch_size
+  if batch % mesh.size:
+    raise ValueError(f'config.train.batch_size={batch} is not '
+                     f'divisible by the {mesh.size} devices of the mesh '
+                     f'{dict(mesh.shape)}; change the batch size or '
+                     'config.mesh.')
+  example = dataset.sample(jax.random.key(0), 2)
+  abstract = jax.eval_shape(method.init, init_key, example)
+  state_sharding = sharding.state_shardings(
+      mesh, abstract, config.mesh.get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
+  state = jax.jit(method.init, out_shardings=state_sharding)(init_key, example)
+  arrays = jax.device_put(dataset.arrays, sharding.replicated(mesh))
+  return BuiltState(dataset=dataset, method=method, mesh=mesh, state=state,
+                    state_sharding=state_sharding, arrays=arrays)
+
+
 # ============================================================== main loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, command: str | None = None) -> dict[str, Any]:
@@ -223,31 +268,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- setup
   is_main = jax.process_index() == 0
   tc = config.train
-  dataset = data.build(config.data)
-  method = load_method(config, dataset.spec)
-  config_check.validate(config, method)  # every key, before any compute
-  method.prepare(dataset)  # frozen encoders / teachers (host side)
-  mesh = sharding.make_mesh(config.mesh)
-  if tc.batch_size % mesh.size:
-    raise ValueError(f'config.train.batch_size={tc.batch_size} is not '
-                     f'divisible by the {mesh.size} devices of the mesh '
-                     f'{dict(mesh.shape)}; change the batch size or '
-                     'config.mesh.')
   root = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root, 3)
-  example = dataset.sample(jax.random.key(0), 2)
-  # Shapes first: a bad backbone config (e.g. image size vs patch size)
-  # fails here, before the workdir or any file exists.
-  abstract = jax.eval_shape(method.init, init_key, example)
-  state_sharding = sharding.state_shardings(
-      mesh, abstract, config.mesh.get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
+  # Everything is built and checked before the workdir or any file exists.
+  built = build_state(config, init_key)
+  dataset, method, mesh = built.dataset, built.method, built.mesh
+  state, state_sharding, arrays = (built.state, built.state_sharding,
+                                   built.arrays)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(workdir, config, is_main)
   writer = writers.create_writer(workdir, is_main=is_main)
 
   # ---------------------------------------------------------------- state
-  repl = sharding.replicated(mesh)
-  state = jax.jit(method.init, out_shardings=state_sharding)(init_key, example)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -260,7 +292,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- train
   chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size,
                               state_sharding)
-  arrays = jax.device_put(dataset.arrays, repl)
   step_flops, step_flops_exact = train_step_flops(
       method, make_step_fn(method, dataset, mesh, tc.batch_size), state,
       train_key, arrays)
