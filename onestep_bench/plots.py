@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from onestep_bench import leaderboard  # noqa: E402
@@ -212,8 +213,16 @@ def metric_vs_train_flops(runs: list[dict[str, str]], dataset: str,
          f'({pts[0]["n_samples"]} samples)')
   ax.set_title(_fmt_title(leaderboard.slug(dataset), 'quality vs training '
                           'compute (bench)'), fontsize=9)
-  ax.legend(fontsize=6, ncol=2)
+  _log_axes_legend_outside(ax)
   return _save(fig, path)
+
+
+def _log_axes_legend_outside(ax: Any) -> None:
+  """No minor tick labels on log axes (they overlap); legend to the right."""
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0)
 
 
 def metric_vs_sampling_flops(leaderboard_csv_path: str, metric: str,
@@ -245,7 +254,7 @@ def metric_vs_sampling_flops(leaderboard_csv_path: str, metric: str,
   stem = os.path.basename(leaderboard_csv_path)[:-4]
   ax.set_title(_fmt_title(stem, 'quality vs sampling cost (bench)'),
                fontsize=9)
-  ax.legend(fontsize=7)
+  _log_axes_legend_outside(ax)
   return _save(fig, path)
 
 
