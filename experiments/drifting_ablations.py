@@ -2,8 +2,9 @@
 
 Digits (8x8, the cheapest real image set) with the bench protocol's U-Net
 and batch, at STEPS training steps (a third of the bench budget, so a sweep
-fits a CPU session; every row records it); `ARGS=--smoke` for a dry run. Class-conditional / CFG sweeps are
-in drifting_cfg_ablations.py, toy-2D ones in drifting_toy_ablations.py.
+fits a CPU session; every row records it); `ARGS=--smoke` for a dry run.
+Class-conditional / CFG sweeps are in drifting_cfg_ablations.py, toy-2D ones
+in drifting_toy_ablations.py.
 
   make sweep EXP=drifting_ablations SWEEP=features        # pixels vs encoder
   make sweep EXP=drifting_ablations SWEEP=temperatures

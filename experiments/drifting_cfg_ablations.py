@@ -34,8 +34,10 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
 
 
 def sweep_negatives():
-  """Unconditional negatives per class group (0 would disable CFG, and the
-  guided evals with it: the sampler refuses α for a model trained without).
+  """Unconditional negatives per class group.
+
+  0 would disable CFG, and the guided evals with it: the sampler refuses α for
+  a model trained without.
   """
   for u in (4, 8, 16, 32):
     yield {'method.num_unc': u}

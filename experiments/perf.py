@@ -240,6 +240,7 @@ class Perf:
 
   def add(self, section, backbone, method, metric, value, unit, target=None,
           higher_is_better=False, detail=''):
+    """Appends one figure's row, checks it against `target`, prints it."""
     meets = ''
     if target is not None and value is not None:
       meets = (value >= target) if higher_is_better else (value <= target)
@@ -255,6 +256,7 @@ class Perf:
 
   # ------------------------------------------------------------- overhead
   def overhead(self, backbone: str) -> None:
+    """Harness flow-matching train step vs a hand-written jit loop."""
     setup = Setup(backbone_config(backbone, 'flow_matching', self.quick))
     t = interleaved({'harness': setup.step_fn(1),
                      'hand': hand_written_fm(setup)}, self.repeats,
@@ -272,6 +274,7 @@ class Perf:
   # ------------------------------------------------------ methods + memory
   def methods(self, backbone: str, names: list[str],
               memory: bool, step: bool) -> None:
+    """Per-method train-step time (`step`) and peak memory (`memory`) vs FM."""
     setups, errors = {}, {}
     for m in names:
       try:
@@ -348,6 +351,7 @@ class Perf:
 
   # ------------------------------------------------------------- dispatch
   def dispatch(self) -> None:
+    """Toy steps/s at steps_per_dispatch 1, 10 and 100."""
     config = backbone_config('mlp', 'flow_matching', self.quick)
     setup = Setup(config)
     steps = {k: k for k in (1, 10, 100)}
@@ -361,6 +365,7 @@ class Perf:
 
   # ------------------------------------------------------------ evaluator
   def evaluator(self) -> None:
+    """Flax FID Inception vs pytorch-fid images/s, then FID end to end."""
     from onestep_bench.evaluators import inception as inc  # pylint: disable=g-import-not-at-top
     batch, size = (2, 75) if self.quick else (16, 299)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)
@@ -419,6 +424,7 @@ class Perf:
 
   # ------------------------------------------------------------------ mfu
   def mfu(self) -> None:
+    """DiT bf16 training model-FLOPs utilisation (GPU/TPU only)."""
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
     if not _on_accelerator() or peak is None:
@@ -439,6 +445,7 @@ class Perf:
 
   # --------------------------------------------------------------- output
   def write(self, out_dir: str) -> None:
+    """Writes the rows so far to `out_dir`/perf.csv and perf.md."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'perf.csv')
     with open(path + '.tmp', 'w', newline='', encoding='utf-8') as f:
@@ -479,6 +486,7 @@ def _pytorch_fid_model():
 
 
 def main(argv):
+  """Runs the selected sections per backbone, rewriting the files as it goes."""
   del argv
   perf = Perf(_REPEATS.value, _QUICK.value)
   names = _METHODS.value or available_methods()

@@ -670,6 +670,7 @@ class Method(base.Method):
   # -------------------------------------------------------- train step
   @property
   def step_cycle(self) -> int:
+    """K = `student_update_freq`: one student step per K train steps."""
     return int(self.mcfg.student_update_freq)
 
   def step_phase(self, step: int) -> int:

@@ -1,5 +1,6 @@
-"""Flow matching (Lipman et al. 2023, arXiv 2210.02747; rectified flow, Liu
-et al. 2023): the multi-step baseline and f-distill's teacher.
+"""Flow matching: the multi-step baseline and f-distill's teacher.
+
+Lipman et al. 2023, arXiv 2210.02747; rectified flow, Liu et al. 2023.
 
 Conventions shared by every method (docs/methods/flow_matching.md §0): t = 0 is
 data, t = 1 is noise.
@@ -80,6 +81,7 @@ class Method(base.Method):
     return self.apply(params, z, t, 0.0, y)
 
   def loss(self, params, batch, key, state):
+    """Velocity MSE ||v_θ(z_t, t) - (e - x)||² at t ~ p(t) (Lipman eq. 23)."""
     del state
     x = batch['x']
     kt, ke = jax.random.split(key)
@@ -91,6 +93,7 @@ class Method(base.Method):
     return jnp.mean(per_sample), {}
 
   def sample(self, params, key, n, *, nfe, labels=None, guidance=None):
+    """Euler or Heun integration from t = 1 to 0 in exactly `nfe` evals."""
     self.check_nfe(nfe)
     del guidance
     z = self.noise(key, n)

@@ -1,1 +1,1 @@
-"""onestep_bench: a JAX/Flax benchmark harness for one-step generative models."""
+"""A JAX/Flax benchmark harness for one-step generative models."""

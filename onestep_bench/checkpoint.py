@@ -35,6 +35,7 @@ class Checkpointer:
             enable_async_checkpointing=True))
 
   def all_steps(self) -> list[int]:
+    """Steps with a saved checkpoint, ascending."""
     return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
@@ -43,6 +44,7 @@ class Checkpointer:
                            force=force)
 
   def reached_preemption(self, step: int) -> bool:
+    """Whether `step` is a preemption sync point (save there, then exit)."""
     return self._mngr.reached_preemption(step)
 
   def restore_latest(self, target: Any) -> Any | None:
@@ -98,8 +100,10 @@ class Checkpointer:
     self._mngr.reload()
 
   def wait(self) -> None:
+    """Blocks until pending async saves have finished."""
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves, then closes the checkpoint manager."""
     self._mngr.wait_until_finished()
     self._mngr.close()

@@ -65,7 +65,8 @@ class UnsupportedNFEError(ValueError):
   """Raised when a sampler is asked for a step count it does not define."""
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(
+    train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The shared optimizer: AdamW + warmup/cosine or constant schedule.
 
   Args:
@@ -82,9 +83,10 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   elif train.schedule == 'constant':
     lr = optax.linear_schedule(0.0, train.lr, max(train.warmup_steps, 1))
   else:
-    raise ValueError(
-        f"config.train.schedule={train.schedule!r}: use 'constant' or 'cosine'.")
-  chain = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip else []
+    raise ValueError(f'config.train.schedule={train.schedule!r}: use '
+                     "'constant' or 'cosine'.")
+  chain = ([optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip
+           else [])
   chain.append(optax.adamw(lr, b1=train.b1, b2=train.b2,
                            weight_decay=train.weight_decay))
   return optax.chain(*chain)
@@ -208,7 +210,7 @@ class Method:
     return new, metrics
 
   def update_ema(self, ema: PyTree, params: PyTree, step: jax.Array) -> PyTree:
-    """EMA with decay `config.train.ema_decay`, warmed up as min(d, (1+n)/(10+n)).
+    """EMA with decay `config.train.ema_decay` warmed up: min(d, (1+n)/(10+n)).
 
     The warm-up keeps short (smoke / toy) runs from evaluating an EMA that is
     still dominated by the random init.

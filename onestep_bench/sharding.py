@@ -74,6 +74,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Full copy of the array on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 

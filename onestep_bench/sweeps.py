@@ -63,6 +63,7 @@ def sweep_points(exp: Any, names: list[str]) -> Iterator[dict[str, Any]]:
 
 def command_for(exp_name: str, base: str, seed: int,
                 point: Mapping[str, Any]) -> str:
+  """Shell command that reruns one sweep point as a standalone training run."""
   args = ['python', '-m', 'onestep_bench.main',
           f'--config=experiments/{exp_name}.py:{base},seed={seed}']
   args += [f'--config.{k}={v!r}' if isinstance(v, tuple) else
@@ -114,6 +115,7 @@ def run(exp_name: str, sweep_names: list[str], seeds: list[int],
 
 
 def main() -> None:
+  """CLI: parses --exp/--sweep/--seeds and runs the sweep."""
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--exp', required=True, help='module in experiments/')
   p.add_argument('--sweep', required=True, help='comma list of sweep names')

@@ -41,17 +41,21 @@ class JsonlWriter:
     self._f = open(path, 'a', encoding='utf-8', buffering=1)  # pylint: disable=consider-using-with
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._f.write(json.dumps({'step': int(step),
-                              **{k: _py(v) for k, v in scalars.items()}}) + '\n')
+    """Appends one `{"step": step, **scalars}` JSON line."""
+    record = {'step': int(step), **{k: _py(v) for k, v in scalars.items()}}
+    self._f.write(json.dumps(record) + '\n')
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Appends one `{"hparams": {...}}` JSON line, values as strings."""
     self._f.write(json.dumps({'hparams': {k: str(v) for k, v in
                                           hparams.items()}}) + '\n')
 
   def flush(self) -> None:
+    """Flushes buffered output to the JSONL file."""
     self._f.flush()
 
   def close(self) -> None:
+    """Closes the JSONL file."""
     self._f.close()
 
 
@@ -59,18 +63,20 @@ class LogWriter:
   """Scalars to the absl log (clu `LoggingWriter` equivalent)."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs `scalars` at `step` as one sorted `key=value` line."""
     logging.info('[%d] %s', step, ', '.join(
         f'{k}={_py(v):.4g}' if np.ndim(v) == 0 else f'{k}={_py(v)}'
         for k, v in sorted(scalars.items())))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Ignores hparams (not logged)."""
     del hparams
 
   def flush(self) -> None:
-    pass
+    """No-op: the log needs no flushing."""
 
   def close(self) -> None:
-    pass
+    """No-op: nothing to close."""
 
 
 class MultiWriter:

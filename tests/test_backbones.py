@@ -55,7 +55,8 @@ CASES = [
                                        'channel_mult': (1, 2, 2, 2),
                                        'num_res_blocks': 1},
                  marks=pytest.mark.slow),
-    pytest.param('unet', (32, 32, 3), {'channels': 16, 'channel_mult': (1, 2, 2),
+    pytest.param('unet', (32, 32, 3), {'channels': 16,
+                                       'channel_mult': (1, 2, 2),
                                        'num_res_blocks': 1,
                                        'attn_resolutions': (16,)},
                  marks=pytest.mark.slow),
@@ -233,8 +234,8 @@ def test_bad_patch_size_names_both_numbers():
 @pytest.mark.parametrize('name', ['mlp', 'unet', 'dit'])
 def test_unknown_option_is_a_clear_error(name):
   shape = (2,) if name == 'mlp' else (8, 8, 1)
-  with pytest.raises(ValueError,
-                     match=r'config\.model\.widht.*Valid keys:.*guidance_embed'):
+  with pytest.raises(
+      ValueError, match=r'config\.model\.widht.*Valid keys:.*guidance_embed'):
     _build(name, shape, widht=3)
 
 

@@ -72,7 +72,8 @@ def test_sample_shapes_finite_deterministic(method_name):
 
 def test_unsupported_nfe_raises(method_name):
   _, ds, method = _setup(method_name)
-  params = method.init(jax.random.key(0), ds.sample(jax.random.key(0), 8)).params
+  params = method.init(jax.random.key(0),
+                       ds.sample(jax.random.key(0), 8)).params
   bad = 0 if isinstance(method.supported_nfe, AnyNFE) else max(
       _nfes(method)) + 1
   with pytest.raises(UnsupportedNFEError, match='supported'):
@@ -87,7 +88,8 @@ def test_sampling_flops_scale_with_nfe(method_name):
   config = smoke_config(method_name)
   ds = data.build(config.data)
   method = load_method(config, ds.spec)
-  params = method.init(jax.random.key(0), ds.sample(jax.random.key(0), 8)).params
+  params = method.init(jax.random.key(0),
+                       ds.sample(jax.random.key(0), 8)).params
   fwd = runner.reference_forward(config.model, ds.spec).flops
   assert fwd > 0
   eff = {}

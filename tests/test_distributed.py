@@ -54,7 +54,7 @@ def test_two_processes_match_one(tmp_path):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   # Process 0 recorded the run once; process 1 wrote nothing.
   with open(two / 'results' / 'runs.csv', encoding='utf-8') as f:

@@ -41,7 +41,7 @@ def _run(method, workdir, **mesh):
 def _assert_close(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
-  for x, y in zip(la, lb):
+  for x, y in zip(la, lb, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
 
 
@@ -76,8 +76,9 @@ def test_fsdp_shards_the_state():
   specs = [s.spec for s in jax.tree.leaves(shard.params)]
   assert any('fsdp' in spec for spec in specs)
   # Every sharded axis divides evenly; scalars stay replicated.
-  for s, leaf in zip(jax.tree.leaves(shard), jax.tree.leaves(abstract)):
-    for dim, ax in zip(leaf.shape, s.spec):
+  for s, leaf in zip(jax.tree.leaves(shard), jax.tree.leaves(abstract),
+                     strict=True):
+    for dim, ax in zip(leaf.shape, s.spec, strict=False):  # P() is short
       assert ax is None or dim % 4 == 0
     if leaf.ndim == 0:
       assert s.spec == P()

@@ -38,7 +38,7 @@ def test_resume_is_bitwise(name, tmp_path):
   s_part = train.train_and_evaluate(config, part)
   a, b = final_state(config, full), final_state(config, part)
   assert int(a.step) == int(b.step) == 8
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert s_full['evals'][0]['metrics'] == s_part['evals'][0]['metrics']
 

@@ -282,8 +282,8 @@ def test_sampling_flops_are_backbone_plus_every_head_step(dataset, nfe):
   the jaxpr FLOPs of `sample` are exactly T backbone passes + T contexts +
   T·N head steps; the denominator is the protocol's reference backbone
   (data channels in and out), smaller than TM's rep_dim backbone, so the
-  widened backbone counts too. Pieces counted on the same batch (the s-embedding runs once per
-  batch, not per sample)."""
+  widened backbone counts too. Pieces counted on the same batch (the
+  s-embedding runs once per batch, not per sample)."""
   kw = tm.IMAGE_PRESET if dataset == 'digits' else {}
   _, method = _setup(dataset, **{f'method.{k}': v for k, v in kw.items()})
   params = jax.eval_shape(lambda: method.init(jax.random.key(0), None).params)
