@@ -56,7 +56,6 @@ guided, u = u_∅ + w (u_y - u_∅) (paper §2.5: CFG on the head velocity).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -167,27 +166,18 @@ class Head(nnx.Module):
     return self.out(layers.layer_norm(z) * (1 + scale) + shift)
 
 
-class _Functional:
-  """init(key) -> params dict; context/velocity(params, ...) pure in params."""
+class HeadFn(models.Functional):
+  """`Head` as pure functions of its params (`models.Functional` + names)."""
 
-  def __init__(self, ctor: Callable[[nnx.Rngs], nnx.Module]):
-    self._ctor = ctor
-    abstract = nnx.eval_shape(lambda: ctor(nnx.Rngs(0)))
-    self._graphdef, self._abstract = nnx.split(abstract)
+  def context(self, params: dict[str, Any], rep: jax.Array,
+              t: jax.Array) -> jax.Array:
+    """`Head.context(rep, t)` with `params`."""
+    return self.bind(params).context(rep, t)
 
-  def init(self, key: jax.Array) -> dict[str, Any]:
-    return nnx.to_pure_dict(nnx.split(self._ctor(nnx.Rngs(key)))[1])
-
-  def _bind(self, params: dict[str, Any]) -> nnx.Module:
-    state = jax.tree.map(lambda a: a, self._abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self._graphdef, state)
-
-  def context(self, params, rep, t):
-    return self._bind(params).context(rep, t)
-
-  def velocity(self, params, ctx, y, s):
-    return self._bind(params).velocity(ctx, y, s)
+  def velocity(self, params: dict[str, Any], ctx: jax.Array, y: jax.Array,
+               s: jax.Array) -> jax.Array:
+    """`Head.velocity(ctx, y, s)` with `params`."""
+    return self.bind(params).velocity(ctx, y, s)
 
 
 # ------------------------------------------------------------- the method
@@ -261,7 +251,7 @@ class Method(base.Method):
     rep_spec = dataclasses.replace(spec, shape=(*shape[:-1], c.rep_dim))
     self.net = models.build(config.model, rep_spec)
     area = 1 if len(shape) == 1 else p * p
-    self.head = _Functional(lambda rngs: Head(
+    self.head = HeadFn(lambda rngs: Head(
         area * self.chan, area * c.rep_dim, width=c.head_width,
         depth=c.head_depth, freq_dim=c.head_freq_dim, rngs=rngs))
 

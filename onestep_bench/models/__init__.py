@@ -1,9 +1,10 @@
 """Backbones with one signature, `model(x, t, h, y, g)`, as pure functions.
 
-`build(config.model, spec)` returns a `Backbone`: `init(key) -> params` (a
-plain nested dict of arrays) and `apply(params, x, t, h, y, g)`. Modules are
-flax.nnx; params are split out once and merged back inside jit, so methods
-see a functional API and the harness can checkpoint / shard plain pytrees.
+`build(config.model, spec)` returns a `Backbone`, a `Functional`
+(models/functional.py): `init(key) -> params` (a plain nested dict of
+arrays) and `apply(params, x, t, h, y, g)`. Modules are flax.nnx; params are
+split out once and merged back inside jit, so methods see a functional API
+and the harness can checkpoint / shard plain pytrees.
 
 Backbones (`config.model.name`; other keys are constructor options):
   'mlp'  -- models/mlp.py, any data (flattened), the toy-2D default.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,20 +23,14 @@ import ml_collections
 from flax import nnx
 
 from onestep_bench.data import DataSpec
+from onestep_bench.models.functional import Functional, int_keys, str_keys
+
+__all__ = ['Backbone', 'Functional', 'build', 'int_keys', 'options',
+           'str_keys']
 
 
-class Backbone:
-  """A functional wrapper around an nnx module constructor."""
-
-  def __init__(self, ctor: Callable[[nnx.Rngs], nnx.Module]):
-    self._ctor = ctor
-    abstract = nnx.eval_shape(lambda: ctor(nnx.Rngs(0)))
-    self._graphdef, self._abstract = nnx.split(abstract)
-
-  def init(self, key: jax.Array) -> dict[str, Any]:
-    """Fresh parameters as a nested dict of arrays."""
-    _, state = nnx.split(self._ctor(nnx.Rngs(key)))
-    return str_keys(nnx.to_pure_dict(state))
+class Backbone(Functional):
+  """A shared backbone: `Functional` with the `model(x, t, h, y, g, s)` call."""
 
   def apply(self, params: dict[str, Any], x: jax.Array, t: jax.Array,
             h: jax.Array, y: jax.Array | None = None,
@@ -58,29 +52,8 @@ class Backbone:
     Returns:
       [B, *shape] float32.
     """
-    state = jax.tree.map(lambda a: a, self._abstract)
-    nnx.replace_by_pure_dict(state, int_keys(params))
-    module = nnx.merge(self._graphdef, state)
+    module = self.bind(params)
     return module(x, t, h, y, g) if s is None else module(x, t, h, y, g, s)
-
-  def num_params(self) -> int:
-    """Parameter count, from abstract shapes (nothing is allocated)."""
-    return sum(math.prod(a.shape) for a in jax.tree.leaves(self._abstract))
-
-
-def str_keys(tree: Any) -> Any:
-  """Keys as strings (nnx list indices are ints; checkpoints want strings)."""
-  if isinstance(tree, dict):
-    return {str(k): str_keys(v) for k, v in tree.items()}
-  return tree
-
-
-def int_keys(tree: Any) -> Any:
-  """Inverse of `str_keys`: digit keys back to ints (nnx list indices)."""
-  if isinstance(tree, dict):
-    return {int(k) if k.isdigit() else k: int_keys(v)
-            for k, v in tree.items()}
-  return tree
 
 
 def _backbone_class(name: str) -> tuple[type[nnx.Module], tuple[str, ...]]:
