@@ -86,11 +86,9 @@ _IMAGES = {
         curve=dict(_CURVE, n_samples=1000)),
 }
 _IMAGES['mnist'] = _IMAGES['fashion_mnist']
-# Method options that differ on images (experiments may name methods; the
-# harness never does): MeanFlow uses py-meanflow's CIFAR-10 recipe.
-_IMAGE_METHOD_PRESETS = {'meanflow': 'PY_MEANFLOW_CIFAR10_V1',
-                         'transition_matching': 'IMAGE_PRESET',
-                         'tvm': 'IMAGE_PRESET'}
+# Method options that differ on images come from the method module by
+# convention: `IMAGE_PRESET` (a dict of config.method overrides, e.g.
+# meanflow's py-meanflow CIFAR-10 recipe), applied on every image dataset.
 
 
 def parse_args(arg_string: str) -> dict[str, str]:
@@ -162,13 +160,13 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1,
                                       'fsdp_min_size': 4096})
 
-  method_cfg = method_module(args['method']).get_config()
-  method_cfg.name = args['method']
-  preset = _IMAGE_METHOD_PRESETS.get(args['method'])
-  if family != 'toy2d' and preset:
-    method_cfg.update(getattr(method_module(args['method']), preset))
-  c.method = method_cfg
   module = method_module(args['method'])
+  method_cfg = module.get_config()
+  method_cfg.name = args['method']
+  preset = getattr(module, 'IMAGE_PRESET', None)
+  if family != 'toy2d' and preset:
+    method_cfg.update(preset)
+  c.method = method_cfg
   if getattr(module, 'TEACHER_METHOD', None):  # distillation methods
     if smoke:  # tests: a freshly initialised teacher, no teacher run needed
       c.method.allow_untrained_teacher = True

@@ -55,6 +55,9 @@ PY_MEANFLOW_CIFAR10_V1 = dict(  # Gsunshine/py-meanflow scripts/cifar10_v1.sh
     time_dist='logit_normal', tr_rule='min', p_mean_t=-0.6, p_std_t=1.6,
     p_mean_r=-4.0, p_std_r=1.6, ratio_r_neq_t=0.75, mask_rule='random',
     adaptive_p=0.75, adaptive_c=1e-3)
+# The image preset `experiments/bench.py` applies on every image dataset (read
+# by convention, like TEACHER_METHOD): py-meanflow's CIFAR-10 recipe.
+IMAGE_PRESET = PY_MEANFLOW_CIFAR10_V1
 
 
 def get_config() -> ml_collections.ConfigDict:
