@@ -57,24 +57,19 @@ def random_params(method, seed=0, scale=0.3):
 
 
 def final_state(config, workdir):
-  """The newest checkpoint of a run, restored as host numpy arrays."""
+  """The newest checkpoint of a run (`runs.restore_state`), as numpy arrays.
+
+  Unlike `runs.load_run` it needs no summary.json (interrupted runs) and
+  returns the whole TrainState, not only the EMA params.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from onestep_bench import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from onestep_bench import data, runs  # pylint: disable=g-import-not-at-top
   from onestep_bench.method import load_method  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data)
-  method = load_method(config, ds.spec)
-  target = jax.eval_shape(method.init, jax.random.key(0), ds.sample(
-      jax.random.key(0), 2))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), target)
-  ckpt = checkpoint.Checkpointer(workdir)
-  try:
-    state = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
+  state = runs.restore_state(workdir, load_method(config, ds.spec),
+                             ds.sample(jax.random.key(0), 2))
   return None if state is None else jax.tree.map(np.asarray, state)
 
 
