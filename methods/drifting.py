@@ -40,6 +40,46 @@ pair weight; it keeps the direction when every raw kernel underflows (tiny
 τ). The official affinity floor (product ≥ 1e-6) is off by default: it
 swamps the real affinities (~1/√(NM)) of toy-sized groups and training
 fails (spec §1.12.7).
+
+Temperature range (issue 18 §2, measured; `validate_config` refuses the
+rest). The kernels are softmax-normalised (eqs. 2-3), so V sees the shape
+of p and q within a few τ of x, not their mass: a set of generated samples
+sitting on one mode of p with that mode's shape has V ≈ 0 whatever the
+mass ratio, and only targets within a few τ can move mass between modes.
+On toy2d:8gaussians (mode gap 1.53, ≈ 0.6 normalised units) the zero-
+initialised output starts q as a point at the origin, which a narrow
+kernel moves as one blob onto the nearest data (τ = 0.05: 1 of 8 modes by
+step ~100 with both normalisations, with the official 1e-8 drift clamp,
+and (seed 0) in raw units without normalisation, recovered by step 400).
+A narrow τ then holds the collapse: on a one-mode sample the field
+of τ ≤ 0.05 pulls the cluster together (corr(V_y, y) = -0.3 / -0.5 at
+τ = 0.02 / 0.05), τ ≥ 0.1 spreads it along the ring (+0.8 / +1.0). 1000
+bench steps, normalised units: (0.01,), (0.02,), (0.02, 0.05) and (0.05,)
+(2 of 3 seeds) end on one mode, sliced W2 1.9, while `nn_dist` reads a
+converged 0.02; (0.1,) (3 of 3 seeds), (0.2,) and the default reach 8/8.
+(0.05,) with feature_norm only ends on 2 of 8 modes in 1 of 2 seeds. Hence
+on toy data the largest τ must be ≥ TOY_TAU_MAX_MIN = 0.1 with
+feature_norm. It is not a departure from the official code: its
+drift_loss.py with R_list = (0.05,) computes this field (the 1e-8 drift
+clamp changes nothing here; with its 1e-6 affinity floor nothing trains
+at toy group sizes), and its toy demo's one τ = 0.05 on raw distances
+without normalisation (0.02-0.05 normalised units here) also ends on one
+mode of 8gaussians in 2 of 3 seeds (seed 0: 8/8). The demo's data
+(checkerboard, swiss roll) has no separated modes and its generator does
+not start as a point. With feature_norm=False τ is in data units, which
+the config does not know: not refused; `coverage` shows the collapse.
+Drift normalisation of a single τ is a global scalar per step (no effect
+on the direction of the step). On any data, a τ ≪ the sample spacing
+makes the kernel a hard nearest-neighbour assignment: at τ = 1e-4 the
+normalised field of that τ sits on a few queries (|V| up to ≈ √N; toy
+samples were sent far off the data), so τ ≥ TAU_MIN = 0.01 with
+feature_norm. Images keep the paper's single-τ ablation (A.6).
+
+Collapse metrics (logged every step): `nn_dist` (generated -> nearest
+positive) is blind to dropped modes; `nn_dist_rev` (positive -> nearest
+generated) and `coverage` (Naeem et al. 2020, eq. 4, k = 5: share of data
+points whose k-NN ball holds a generated sample; ≈ 0.97 for two draws of
+one law, ≤ 1/K on one of K equal modes) see them; see `coverage_stats`.
 """
 
 from __future__ import annotations
@@ -51,9 +91,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from onestep_bench import config_check as cc
 from onestep_bench import method as base
 
 _HI = jax.lax.Precision.HIGHEST  # fp32 distances even where TF32 is default
+
+# Neighbour rank of the logged `coverage` (Naeem et al. 2020 use k = 5).
+COVERAGE_K = 5
+# Smallest temperature, in normalised-distance units (feature_norm=True),
+# on any data: below it the kernel is a hard nearest-neighbour assignment
+# and the field of one τ is carried by a handful of queries (see the
+# module docstring, "Temperature range").
+TAU_MIN = 0.01
+# Toy 2-D with drift_norm=True: the largest temperature (normalised units)
+# must be at least this, or the generator collapses onto one mode.
+TOY_TAU_MAX_MIN = 0.1
+FEATURES = ('auto', 'pixels', 'encoder', 'pixels+encoder')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -163,13 +216,53 @@ def _log_weights(w: jax.Array | None, g: int, m: int) -> jax.Array:
   return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
 
 
+def coverage_stats(d_gen: jax.Array, d_pos: jax.Array,
+                   k: int = COVERAGE_K) -> dict[str, jax.Array]:
+  """Mode-collapse metrics from generated->data and data->data distances.
+
+  nn_dist (generated -> nearest data point) stays small when every sample
+  sits in one mode; these look from the data side instead:
+
+  * `nn_dist_rev`: mean over data points y_j of min_i ‖x_i - y_j‖, the
+    distance from each data point to its nearest generated sample.
+  * `coverage`: Naeem, Oh, Uh, Choi, Yoo 2020, "Reliable Fidelity and
+    Diversity Metrics for Generative Models", eq. 4:
+    (1/M) Σ_j 1[∃ i: ‖x_i - y_j‖ < NND_k(y_j)], with NND_k(y_j) the
+    distance from y_j to its k-th nearest other data point. For N = M
+    samples of the same law E[coverage] = 1 - Π_{l=1..k} (M-l)/(M+N-l)
+    ≈ 1 - 2^-k (0.97 at k = 5, their default); a sample in one of K equal
+    modes scores ≤ 1/K.
+
+  Args:
+    d_gen: [G, N, P] distances from generated samples to data points.
+    d_pos: [G, P, P] distances among the data points (diagonal included;
+      it is masked here).
+    k: neighbour rank of the coverage radius (clipped to P - 1).
+
+  Returns:
+    {'nn_dist_rev', 'coverage'}: scalars, averaged over groups and data
+    points; `coverage` is left out when P < 2.
+  """
+  p = d_pos.shape[-1]
+  rev = jnp.min(d_gen, axis=-2)  # [G, P]
+  out = dict(nn_dist_rev=jnp.mean(rev))
+  if p >= 2:
+    # rev_j < NND_k(y_j)  <=>  fewer than k other data points lie within
+    # rev_j of y_j: one compare-and-count pass (XLA:CPU's top_k on [P, P]
+    # costs more than the whole field).
+    d_pos = d_pos + jnp.where(jnp.eye(p, dtype=bool), jnp.inf, 0.0)
+    inside = jnp.sum(d_pos <= rev[..., None], axis=-1)  # [G, P]
+    out['coverage'] = jnp.mean((inside < min(k, p - 1)).astype(jnp.float32))
+  return out
+
+
 def drift_field(
     x: jax.Array, pos: jax.Array, neg: jax.Array, *,
     temperatures: Sequence[float] = (0.02, 0.05, 0.2),
     pos_weights: jax.Array | None = None,
     neg_weights: jax.Array | None = None,
     self_mask: bool = True, feature_norm: bool = True,
-    drift_norm: bool = True, floor: float = 0.0,
+    drift_norm: bool = True, floor: float = 0.0, coverage_k: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The drifting field V(x) on groups of vectors (spec §1.3), no gradient.
 
@@ -188,13 +281,17 @@ def drift_field(
     feature_norm: divide by the global scale (paper A.6); else raw units.
     drift_norm: scale each V_τ to unit RMS before summing (paper A.6).
     floor: floor on softmax_row·softmax_col (official 1e-6; 0 = none).
+    coverage_k: > 0 adds `coverage` (`coverage_stats`, this k) to the
+      stats; costs one [G, P, P] distance matrix among the positives.
 
   Returns:
     v: [G, N, C] field in normalised coordinates x/ρ (the regression target
       is x/ρ + v); ρ = 1 without `feature_norm`.
     stats: scalars `scale` (s), `rho` (ρ), `field_rms` (RMS of Σ_τ V_τ
-      before drift normalisation, data units) and `nn_dist` (mean distance
-      of x to its nearest positive, data units).
+      before drift normalisation, data units), `nn_dist` (mean distance
+      of x to its nearest positive, data units), `nn_dist_rev` (mean
+      distance of a positive to its nearest x: blind to neither side, it
+      grows when q drops modes of p) and, with `coverage_k`, `coverage`.
   """
   sg = lambda a: jax.lax.stop_gradient(jnp.asarray(a, jnp.float32))
   x, pos, neg = sg(x), sg(pos), sg(neg)
@@ -239,9 +336,13 @@ def drift_field(
       v = v + v_rel / jnp.sqrt(jnp.maximum(jnp.mean(v_rel**2), 1e-8))
     else:
       v = v + v_tau
+  d_gen = dist[..., q:]  # [G, N, P] generated -> positives, data units
   stats = dict(scale=scale, rho=rho,
                field_rms=rho * jnp.sqrt(jnp.mean(v_raw**2)),
-               nn_dist=jnp.mean(jnp.min(dist[..., q:], -1)))
+               nn_dist=jnp.mean(jnp.min(d_gen, -1)),
+               nn_dist_rev=jnp.mean(jnp.min(d_gen, -2)))
+  if coverage_k > 0:
+    stats.update(coverage_stats(d_gen, _cdist(pos, pos), coverage_k))
   return v, stats
 
 
@@ -261,7 +362,8 @@ def drift_loss(
     extra_neg: [G, U, C] extra negatives, or None.
     pos_weights: [G, P] or None.
     extra_neg_weights: [G, U] or None (ones).
-    **field_kwargs: `temperatures`, `feature_norm`, `drift_norm`, `floor`.
+    **field_kwargs: `temperatures`, `feature_norm`, `drift_norm`, `floor`,
+      `coverage_k`.
 
   Returns:
     (scalar loss, stats of `drift_field`). ∂loss/∂x = -2 V / (ρ · x.size).
@@ -324,15 +426,103 @@ class Method(base.Method):
 
   supported_nfe = (1,)
 
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Every `config.method` key, before anything is built or compiled.
+
+    Temperatures (module docstring, "Temperature range"): finite and > 0
+    always; with feature_norm (normalised-distance units) each ≥ TAU_MIN,
+    and on toy 2-D data the largest ≥ TOY_TAU_MAX_MIN, the narrowest kernel
+    measured not to hold a one-mode collapse. With feature_norm=False τ is
+    in data units, which the config does not know, so only τ > 0 is checked
+    (the logged `coverage` shows a collapse there).
+
+    Raises:
+      onestep_bench.config_check.ConfigError: the first bad value.
+    """
+    c, p = config.method, 'method'
+    toy = str(config.data.name).partition(':')[0] == 'toy2d'
+    feature_norm = cc.require_bool(c, p, 'feature_norm')
+    cc.require_bool(c, p, 'drift_norm')
+    taus, key = c.get('temperatures'), 'method.temperatures'
+    default = '--config.method.temperatures="(0.02, 0.05, 0.2)" (official)'
+    if not (isinstance(taus, (tuple, list)) and taus
+            and all(cc.is_real(t) and t > 0 for t in taus)):
+      raise cc.ConfigError(
+          key, taus, 'must be a non-empty tuple of finite numbers > 0 (the '
+          'kernel is exp(-d/τ))', default)
+    if feature_norm and min(taus) < TAU_MIN:
+      raise cc.ConfigError(
+          key, tuple(taus), f'must each be >= {TAU_MIN} with feature_norm='
+          'True (units of the mean pairwise distance): a narrower kernel is a '
+          'hard nearest-neighbour assignment whose normalised field sits on '
+          'a few samples', default)
+    if feature_norm and toy and max(taus) < TOY_TAU_MAX_MIN:
+      raise cc.ConfigError(
+          key, tuple(taus), f'must include a τ >= {TOY_TAU_MAX_MIN} on toy '
+          '2-D data with feature_norm=True: a narrower kernel does not reach '
+          'the neighbouring modes and holds a one-mode collapse (8gaussians, '
+          '1000 steps: (0.01,), (0.02,), (0.05,) and (0.02, 0.05) end on 1-2 '
+          'of 8 modes)', 'add a broad τ, e.g. --config.method.temperatures='
+          '"(0.05, 0.2)" or the default "(0.02, 0.05, 0.2)"')
+    floor = cc.require_real(c, p, 'affinity_floor', 0.0, 1.0, hi_open=True,
+                            example=0.0)
+    num_gen = cc.require_int(c, p, 'num_gen', 0, example=0)
+    batch = config.train.batch_size
+    if toy and floor > 0:
+      n = num_gen or batch
+      if floor * n * (n + batch) > 0.1:  # typical A² ≈ 1/(N·M), spec §1.12.7
+        raise cc.ConfigError(
+            'method.affinity_floor', floor, f'must be <= 0.1/(N·M) = '
+            f'{0.1 / (n * (n + batch)):.2g} for one group of N={n} generated '
+            f'x M={n + batch} targets: a larger floor swamps the real '
+            'affinities (≈ 1/√(N·M)) and nothing trains',
+            '--config.method.affinity_floor=0.0')
+    feats = cc.require_choice(c, p, 'features', FEATURES)
+    if toy and 'encoder' in feats:
+      raise cc.ConfigError('method.features', feats, 'needs image data '
+                           f'(got {config.data.name})',
+                           '--config.method.features=pixels')
+    for name in ('encoder_width', 'encoder_steps'):
+      cc.require_int(c, p, name, 0, example=0)
+    cc.require_int(c, p, 'encoder_max_locations', example=49)
+    groups = cc.require_int(c, p, 'classes_per_step', 0, example=0)
+    num_unc = cc.require_int(c, p, 'num_unc', 0, example=16)
+    alpha_max = cc.require_real(c, p, 'cfg_alpha_max', 1.0, example=4.0)
+    cc.require_real(c, p, 'cfg_alpha_power', example=3.0)
+    cc.require_prob(c, p, 'cfg_p_one')
+    labelled = cc.labelled(config)
+    if labelled and groups and cc.is_int(batch) and batch % groups:
+      raise cc.ConfigError(
+          'method.classes_per_step', groups, f'must divide train.batch_size='
+          f'{batch} (one block of positives per class group)',
+          '--config.method.classes_per_step=0 (every class once)')
+    if labelled and num_unc > 0 and alpha_max > 1.0:  # CFG in training
+      if not config.model.get('guidance_embed', False):
+        raise cc.ConfigError(
+            'model.guidance_embed', config.model.get('guidance_embed'),
+            'must be True: drifting with CFG on labelled data feeds α to the '
+            'generator', '--config.model.guidance_embed=True (or '
+            '--config.method.num_unc=0 for no CFG)')
+      for name, g in cc.guidance_evals(config):
+        if not cc.is_real(g) or g < 1.0:
+          raise cc.ConfigError(
+              f'evals.{name}.guidance', g, 'must be a CFG strength α >= 1 '
+              f'(trained on [1, {alpha_max}]; 1 = no guidance)',
+              f'--config.evals.{name}.guidance=1.0')
+    else:
+      cc.refuse_guidance(config, 'this drifting run trains without CFG '
+                         '(unlabelled data, num_unc=0 or cfg_alpha_max=1)')
+
   def __init__(self, config, spec):
     super().__init__(config, spec)
     m = self.mcfg
     feats = m.features
     if feats == 'auto':
       feats = 'pixels'  # see get_config: the encoder keys are opt-in
-    if feats not in ('pixels', 'encoder', 'pixels+encoder'):
-      raise ValueError(f"config.method.features={m.features!r}: use 'auto', "
-                       "'pixels', 'encoder' or 'pixels+encoder'.")
+    if feats not in FEATURES[1:]:
+      raise ValueError(f'config.method.features={m.features!r}: use one of '
+                       f'{FEATURES}.')
     if 'encoder' in feats and spec.kind != 'image':
       raise ValueError(f'config.method.features={feats!r} needs image data '
                        f'(got {spec.kind}); use features=pixels.')
@@ -366,6 +556,7 @@ class Method(base.Method):
         dataset, recipe, max_locations=self.mcfg.encoder_max_locations)
 
   def init_extras(self, key, params):
+    """The frozen encoder's params, when the field uses encoder features."""
     del key, params
     if not self.use_encoder:
       return {}
@@ -411,11 +602,15 @@ class Method(base.Method):
       n = m.num_gen or pos.shape[0]
       x = self.generate(params, self.noise(key, n))
       loss, stats = drift_loss(x.reshape(1, n, -1),
-                               pos.reshape(1, pos.shape[0], -1), **field)
+                               pos.reshape(1, pos.shape[0], -1),
+                               coverage_k=COVERAGE_K, **field)
       # The loss is ≈ ‖Σ_τ Ṽ_τ‖², constant by construction with drift_norm
-      # (lambertae/drifting#3); field_rms / nn_dist are what converge.
+      # (lambertae/drifting#3); field_rms / nn_dist are what converge, and
+      # nn_dist_rev / coverage see dropped modes (nn_dist does not).
       return loss, dict(field_rms=stats['field_rms'],
                         nn_dist=stats['nn_dist'],
+                        nn_dist_rev=stats['nn_dist_rev'],
+                        coverage=stats['coverage'],
                         feature_scale=stats['scale'])
 
     g = self.class_groups or 1
@@ -459,9 +654,13 @@ class Method(base.Method):
     d_gen = _cdist(jax.lax.stop_gradient(xr), pr)
     d_pos = _cdist(pr, pr) + 1e9 * jnp.eye(p)
     dim = math.sqrt(xr.shape[-1])
+    cover = coverage_stats(d_gen, d_pos)  # per group: class collapse
     metrics.update(nn_dist=jnp.mean(jnp.min(d_gen, -1)) / dim,
                    nn_dist_data=jnp.mean(jnp.min(d_pos, -1)) / dim,
+                   nn_dist_rev=cover['nn_dist_rev'] / dim,
                    num_feature_keys=jnp.asarray(len(fx), jnp.float32))
+    if 'coverage' in cover:
+      metrics['coverage'] = cover['coverage']
     return total, metrics
 
   # -------------------------------------------------------------- sampling

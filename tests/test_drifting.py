@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench
+from experiments import bench, drifting_toy_ablations
 from methods import drifting
+from onestep_bench import config_check as cc
 from onestep_bench import data
 from onestep_bench.method import UnsupportedNFEError, load_method
 
@@ -139,7 +140,7 @@ def test_method_smoke():
   new = state
   for i in range(2):  # the warm-up schedule gives lr = 0 at step 0
     new, metrics = step(new, batch, jax.random.fold_in(key, i))
-    assert {'field_rms', 'nn_dist'} <= set(metrics)
+    assert {'field_rms', 'nn_dist', 'nn_dist_rev', 'coverage'} <= set(metrics)
     assert all(bool(jnp.isfinite(v)) for v in metrics.values())
   delta = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), new.params,
                        state.params)
@@ -148,6 +149,161 @@ def test_method_smoke():
   assert x.shape == (10, 2) and bool(jnp.all(jnp.isfinite(x)))
   with pytest.raises(UnsupportedNFEError):
     method.sample(new.ema_params, key, 10, nfe=2)
+
+
+# ------------------------------------- temperatures, collapse (issue 18 §2)
+_RING = 2.0 * np.stack([np.cos(np.pi * np.arange(8) / 4),
+                        np.sin(np.pi * np.arange(8) / 4)], -1)
+
+
+def _ring_sample(key, n, modes=8):
+  """n points of 8gaussians (std 0.1), restricted to the first `modes`."""
+  k1, k2 = jax.random.split(key)
+  idx = jax.random.randint(k1, (n,), 0, modes)
+  return (jnp.asarray(_RING, jnp.float32)[idx]
+          + 0.1 * jax.random.normal(k2, (n, 2)))
+
+
+@pytest.fixture(scope='module')
+def ring_sets():
+  """Data (8 modes), a one-mode generated set and a covering one."""
+  pos = _ring_sample(jax.random.key(0), 512)
+  return (pos[None], _ring_sample(jax.random.key(1), 512, modes=1)[None],
+          _ring_sample(jax.random.key(2), 512)[None])
+
+
+@pytest.mark.parametrize('tau,spreads', [(0.02, False), (0.05, False),
+                                         (0.1, True), (0.2, True)])
+def test_narrow_kernel_holds_one_mode_collapse(ring_sets, tau, spreads):
+  """The cause of the toy collapse: on samples all in mode 0 (of 8), a
+  single τ <= 0.05 (normalised units) pulls the cluster together along the
+  ring (v_y anti-correlated with y: the one-mode state is attracting); a
+  τ >= 0.1 reaches the neighbouring modes and spreads it. Drift
+  normalisation only rescales a single τ's field, so both agree."""
+  pos, one_mode, _ = ring_sets
+  fields = [drifting.drift_field(one_mode, pos, one_mode, temperatures=(tau,),
+                                 drift_norm=dn)[0][0] for dn in (False, True)]
+  ratio = fields[1] / fields[0]
+  np.testing.assert_allclose(ratio, float(jnp.median(ratio)), rtol=1e-3)
+  corr = np.corrcoef(np.asarray(fields[1][:, 1]),
+                     np.asarray(one_mode[0, :, 1]))[0, 1]
+  assert corr > 0.5 if spreads else corr < -0.2, corr
+
+
+def test_tiny_temperature_field_sits_on_few_samples(ring_sets):
+  """τ = 1e-4 (issue 18 §2): after drift normalisation a handful of the 512
+  queries carry the whole field (participation ratio ~ 1/N), which sent
+  toy samples far off the data; at TAU_MIN it is spread over the queries."""
+  pos, _, cover = ring_sets
+  def participation(tau):
+    v, _ = drifting.drift_field(cover, pos, cover, temperatures=(tau,))
+    e = np.sum(np.asarray(v[0]) ** 2, -1)
+    return e.sum() ** 2 / (e.size * np.sum(e ** 2))
+  assert participation(1e-4) < 10.0 / cover.shape[1]
+  assert participation(drifting.TAU_MIN) > 0.2
+
+
+def test_collapse_metrics_see_what_nn_dist_misses(ring_sets):
+  pos, one_mode, cover = ring_sets
+  _, s1 = drifting.drift_field(one_mode, pos, one_mode, coverage_k=5)
+  _, s8 = drifting.drift_field(cover, pos, cover, coverage_k=5)
+  # nn_dist (generated -> data) is small for both ...
+  assert float(s1['nn_dist']) < 0.05 and float(s8['nn_dist']) < 0.05
+  # ... the data-side metrics are not.
+  assert float(s1['nn_dist_rev']) > 1.5 > 0.1 > float(s8['nn_dist_rev'])
+  assert float(s1['coverage']) < 0.2 and float(s8['coverage']) > 0.9
+
+
+def test_coverage_matches_its_expected_value():
+  """Naeem et al. 2020: E[coverage] = 1 - prod_l (M-l)/(M+N-l) for N = M
+  draws of one law (0.969 at k = 5)."""
+  kx, ky = jax.random.split(jax.random.key(4))
+  n = 1000
+  x = jax.random.normal(kx, (1, n, 2))
+  y = jax.random.normal(ky, (1, n, 2))
+  cdist = drifting._cdist  # pylint: disable=protected-access
+  got = drifting.coverage_stats(cdist(x, y), cdist(y, y), 5)
+  want = 1.0 - np.prod([(n - j) / (2 * n - j) for j in range(1, 6)])
+  assert abs(float(got['coverage']) - want) < 0.02  # ~4 sigma at n = 1000
+  # k is clipped to P - 1 and P = 1 has no coverage radius.
+  one = drifting.coverage_stats(jnp.ones((1, 3, 1)), jnp.zeros((1, 1, 1)))
+  assert set(one) == {'nn_dist_rev'}
+
+
+def _validate(dataset='toy2d:8gaussians', **overrides):
+  config = bench.get_config(f'method=drifting,dataset={dataset}')
+  config.update_from_flattened_dict(overrides)
+  drifting.Method.validate_config(config)
+
+
+@pytest.mark.parametrize('dataset,overrides', [
+    ('toy2d:8gaussians', {}),
+    # the official toy demo: one τ = 0.05 in raw units, no normalisation
+    ('toy2d:8gaussians', {'method.temperatures': (0.05,),
+                          'method.feature_norm': False,
+                          'method.drift_norm': False}),
+    ('toy2d:8gaussians', {'method.temperatures': (0.05, 0.2)}),
+    ('toy2d:8gaussians', {'method.temperatures': (0.1,)}),
+    # images: single narrow τ is the paper's A.6 ablation (not refused)
+    ('digits', {'method.temperatures': (0.02,)}),
+    ('digits', {'data.conditional': True, 'model.guidance_embed': True,
+                'evals.main.guidance': 2.0}),
+])
+def test_validate_config_accepts(dataset, overrides):
+  _validate(dataset, **overrides)
+
+
+@pytest.mark.parametrize('overrides,key,match', [
+    ({'method.temperatures': (0.0,)}, 'method.temperatures', '> 0'),
+    ({'method.temperatures': (-0.1, 0.2)}, 'method.temperatures', '> 0'),
+    ({'method.temperatures': ()}, 'method.temperatures', 'non-empty'),
+    ({'method.temperatures': (float('nan'),)}, 'method.temperatures',
+     'finite'),
+    ({'method.temperatures': (1e-4,)}, 'method.temperatures', '>= 0.01'),
+    ({'method.temperatures': (1e-4, 0.2)}, 'method.temperatures', '>= 0.01'),
+    ({'method.temperatures': (0.01,)}, 'method.temperatures', 'one-mode'),
+    ({'method.temperatures': (0.05,)}, 'method.temperatures', 'one-mode'),
+    ({'method.temperatures': (0.05,), 'method.drift_norm': False},
+     'method.temperatures', 'one-mode'),
+    ({'method.temperatures': (0.02, 0.05)}, 'method.temperatures',
+     'one-mode'),
+    ({'method.affinity_floor': 1e-6}, 'method.affinity_floor', 'swamps'),
+    ({'method.affinity_floor': -1.0}, 'method.affinity_floor', '>= 0'),
+    ({'method.num_gen': -1}, 'method.num_gen', '>= 0'),
+    ({'method.features': 'bogus'}, 'method.features', 'one of'),
+    ({'method.features': 'encoder'}, 'method.features', 'needs image data'),
+    ({'method.encoder_max_locations': 0}, 'method.encoder_max_locations',
+     '>= 1'),
+    ({'method.num_unc': -1}, 'method.num_unc', '>= 0'),
+    ({'method.cfg_alpha_max': 0.5}, 'method.cfg_alpha_max', '>= 1'),
+    ({'method.cfg_p_one': 1.5}, 'method.cfg_p_one', '<= 1'),
+    ({'evals.main.guidance': 2.0}, 'evals.main.guidance', 'without CFG'),
+])
+def test_validate_config_refuses(overrides, key, match):
+  with pytest.raises(cc.ConfigError, match=match) as err:
+    _validate(**overrides)
+  assert err.value.key == key and err.value.fix
+
+
+@pytest.mark.parametrize('overrides,key,match', [
+    ({'data.conditional': True}, 'model.guidance_embed', 'feeds α'),
+    ({'data.conditional': True, 'model.guidance_embed': True,
+      'method.classes_per_step': 3}, 'method.classes_per_step', 'divide'),
+    ({'data.conditional': True, 'model.guidance_embed': True,
+      'evals.main.guidance': 0.5}, 'evals.main.guidance', '>= 1'),
+])
+def test_validate_config_refuses_images(overrides, key, match):
+  with pytest.raises(cc.ConfigError, match=match) as err:
+    _validate('digits', **overrides)
+  assert err.value.key == key
+
+
+def test_toy_ablations_are_all_allowed():
+  exp = drifting_toy_ablations
+  sweeps = [getattr(exp, n) for n in dir(exp) if n.startswith('sweep_')]
+  for sweep in sweeps:
+    for overrides in sweep():
+      _validate(**overrides)
 
 
 # ------------------------------------------------------------------ images
@@ -199,7 +355,8 @@ def test_images_pixels_conditional_cfg():
       'method.num_unc': 4})
   assert method.class_groups == 4 and method.cfg
   state, metrics = _two_steps(config, ds, method)
-  assert 'field_rms/global' in metrics and 'nn_dist' in metrics
+  assert {'field_rms/global', 'nn_dist', 'nn_dist_rev', 'coverage'} <= set(
+      metrics)
   labels = jnp.arange(6) % 10
   # Two steps barely move the zero-initialised output paths; perturb.
   params = jax.tree.map(lambda a: a + 0.05, state.ema_params)
