@@ -46,9 +46,9 @@ import optax
 from absl import app, flags
 
 from experiments.bench import get_config as bench_config
-from onestep_bench import data, sharding, train
+from onestep_bench import data, train
 from onestep_bench.flops import count_flops
-from onestep_bench.method import available_methods, load_method
+from onestep_bench.method import available_methods
 
 _SECTIONS = flags.DEFINE_list(
     'sections', ['overhead', 'methods', 'sampling', 'memory', 'dispatch',
@@ -121,17 +121,11 @@ class Setup:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.dataset = data.build(config.data)
-    self.method = load_method(config, self.dataset.spec)
-    self.method.prepare(self.dataset)
-    self.mesh = sharding.make_mesh(config.mesh)
-    example = self.dataset.sample(jax.random.key(0), 2)
-    abstract = jax.eval_shape(self.method.init, jax.random.key(0), example)
-    self.state_sharding = sharding.state_shardings(self.mesh, abstract)
-    self.state = jax.jit(self.method.init, out_shardings=self.state_sharding)(
-        jax.random.key(0), example)
-    self.arrays = jax.device_put(self.dataset.arrays,
-                                 sharding.replicated(self.mesh))
+    built = train.build_state(config, jax.random.key(0))  # as train.py does
+    self.dataset, self.method, self.mesh = (built.dataset, built.method,
+                                            built.mesh)
+    self.state, self.state_sharding = built.state, built.state_sharding
+    self.arrays = built.arrays
     self.batch = int(config.train.batch_size)
     self.chunk = train.make_train_chunk(self.method, self.dataset, self.mesh,
                                         self.batch, self.state_sharding)
