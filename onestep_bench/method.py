@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 from typing import Any
 
 import flax
@@ -52,7 +52,13 @@ class TrainState:
 
 
 class AnyNFE(Container):
-  """`supported_nfe` for samplers defined at every positive step count."""
+  """`supported_nfe` for samplers defined at every positive step count.
+
+  Membership only: `nfe in AnyNFE()` for every int >= 1. It is not
+  iterable (the set is infinite); code that needs concrete step counts
+  tests its own candidates for membership (the contract test samples 1, 2
+  and 4; experiments/perf.py times 1, 2, 4).
+  """
 
   def __contains__(self, nfe: object) -> bool:
     return isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1
@@ -65,30 +71,44 @@ class UnsupportedNFEError(ValueError):
   """Raised when a sampler is asked for a step count it does not define."""
 
 
-def make_optimizer(
-    train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(train: ml_collections.ConfigDict, *, lr: float = 0.0,
+                   share: float = 1.0,
+                   offset: int = 0) -> optax.GradientTransformation:
   """The shared optimizer: AdamW + warmup/cosine or constant schedule.
+
+  The defaults give the optimizer of `Method.tx`. Methods with several
+  networks updated on alternate iterations build one per network with
+  their own `lr`, `share` and `offset`.
 
   Args:
     train: `config.train` with `lr`, `b1`, `b2`, `weight_decay`,
       `warmup_steps`, `schedule` ('constant' | 'cosine'), `num_steps`,
       `grad_clip` (0 disables clipping).
+    lr: peak learning rate; 0 means `train.lr`.
+    share: fraction of the iterations on which this optimizer updates; the
+      warm-up and decay lengths are scaled by it (counted in its updates).
+    offset: the schedule is read at update count + `offset`. 1 for a net
+      updated every K-th iteration: the warm-up starts at lr 0, which would
+      waste its first update (the next one is K iterations later).
 
   Returns:
     An optax transformation.
   """
+  lr = lr or train.lr
+  warmup = max(round(train.warmup_steps * share), 1)
   if train.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0, train.lr, max(train.warmup_steps, 1), max(train.num_steps, 2))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(round(train.num_steps * share), 2))
   elif train.schedule == 'constant':
-    lr = optax.linear_schedule(0.0, train.lr, max(train.warmup_steps, 1))
+    sched = optax.linear_schedule(0.0, lr, warmup)
   else:
     raise ValueError(f'config.train.schedule={train.schedule!r}: use '
                      "'constant' or 'cosine'.")
   chain = ([optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip
            else [])
-  chain.append(optax.adamw(lr, b1=train.b1, b2=train.b2,
-                           weight_decay=train.weight_decay))
+  chain.append(optax.adamw(
+      (lambda c: sched(c + offset)) if offset else sched, b1=train.b1,
+      b2=train.b2, weight_decay=train.weight_decay))
   return optax.chain(*chain)
 
 
@@ -100,9 +120,24 @@ class Method:
   (`self.net`), one optimizer, an EMA of the parameters. Methods with several
   networks or optimizers override `init` and `train_step`.
 
+  Backbone inputs (`apply`, `net.apply`): every method calls the same
+  backbone as `model(x, t, h, y, g, s)`. `t` [B] is the current time (t = 0
+  data, t = 1 noise) and `h` [B] is a second time input whose meaning is
+  the method's: MeanFlow feeds the interval t - r, TVM the gap t - s to its
+  target time s; methods without one pass a constant (flow matching 0, the
+  default of `apply`; Drifting 1). `y` are labels (the null label when
+  None), `g` a guidance input, `s` style tokens (see `apply`; the table per
+  method is docs/contract.md §6).
+
   Attributes:
-    supported_nfe: step counts `sample` honours exactly, e.g. `(1,)`, or
-      `AnyNFE()`.
+    supported_nfe: the step counts `sample` honours exactly, checked with
+      `nfe in supported_nfe` (`check_nfe`, config validation, the
+      evaluator). It must be either a finite Collection (an iterable
+      Container) of ints >= 1, e.g. `(1,)` or `(1, 2, 4)`, which the
+      contract test iterates to sample at each value; or `AnyNFE()`, the
+      one non-iterable value, for samplers defined at every positive step
+      count (see `AnyNFE`). Set it on the class or, when it depends on the
+      config, in `__init__` (docs/contract.md §3).
     config: the full run config (read-only); `config.method` holds the
       method's own keys.
     spec: shape / label information of the data.
@@ -110,7 +145,7 @@ class Method:
     tx: the optimizer of `params`.
   """
 
-  supported_nfe: Container[int] = (1,)
+  supported_nfe: Collection[int] | AnyNFE = (1,)
   # G > 0: training batches come as G one-class blocks (labelled data only;
   # see `Dataset.sample(groups=...)`).
   class_groups: int = 0
@@ -254,9 +289,20 @@ class Method:
             s: jax.Array | None = None) -> jax.Array:
     """Backbone call with per-sample times (and guidance g) broadcast to [B].
 
-    `g` is the guidance-scale conditioning input (TVM's 1/w, Drifting's CFG
-    strength); the backbone must be built with `guidance_embed=True`. `s` is
-    the [B, K] int style input of backbones built with `style_tokens=K`.
+    Args:
+      params: backbone params (`net.init`).
+      x: [B, *spec.shape] input.
+      t: current time, scalar or [B] (t = 0 data, t = 1 noise).
+      h: second time input, scalar or [B]; None means 0. Its meaning is the
+        method's: MeanFlow's interval t - r, TVM's gap t - s to the target
+        time s, 0 for flow matching (class docstring).
+      y: [B] int labels, or None (the null label).
+      g: guidance-scale conditioning input (TVM's 1/w, Drifting's CFG
+        strength); the backbone must be built with `guidance_embed=True`.
+      s: [B, K] int style input of backbones built with `style_tokens=K`.
+
+    Returns:
+      [B, *spec.shape] backbone output.
     """
     b = x.shape[0]
     as_b = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b,))
