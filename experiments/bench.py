@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from onestep_bench import runs
 from onestep_bench.method import method_module
 
 DEFAULTS = {'method': 'flow_matching', 'dataset': 'toy2d:8gaussians',
@@ -171,8 +172,8 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
     if smoke:  # tests: a freshly initialised teacher, no teacher run needed
       c.method.allow_untrained_teacher = True
     elif not c.method.teacher_workdir:  # runs/<teacher>/<ds>/bench_seed<k>
-      c.method.teacher_workdir = module.default_teacher_workdir(
-          args['dataset'], c.seed)
+      c.method.teacher_workdir = runs.default_workdir(
+          module.TEACHER_METHOD, args['dataset'], c.seed)
 
   if smoke:  # tiny and fast: tests and CI
     if family == 'toy2d':

@@ -20,6 +20,7 @@ import ml_collections
 
 from experiments import bench
 from methods import f_distill
+from onestep_bench import runs
 
 BASE = 'method=f_distill,dataset=toy2d:8gaussians_imbalanced'
 
@@ -31,8 +32,8 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
     c.method.teacher_workdir = ''
     c.method.allow_untrained_teacher = True
   elif not c.method.teacher_workdir:
-    c.method.teacher_workdir = f_distill.default_teacher_workdir(c.data.name,
-                                                                 c.seed)
+    c.method.teacher_workdir = runs.default_workdir(
+        f_distill.TEACHER_METHOD, c.data.name, c.seed)
   return c
 
 

@@ -62,13 +62,17 @@ Multi-step students (FastGen `student_sample_steps`, spec §3.7):
 backward simulation (the input at t_k is the student's own no-grad rollout,
 re-noised: x_{t_{k+1}} = (1 - t_{k+1}) x̂0 + t_{k+1} e), not FastGen's noised
 real data. It samples with any nfe dividing K on the sub-grid. K = 1 (paper).
+
+Length (over 400 lines, on purpose): one file per method (methods/README.md),
+and this method is three networks (student, fake score, discriminator head),
+a family of f-divergence weights with two-stage ratio normalisation, and a
+two-time-scale train step. File I/O is the harness's: the teacher run is
+found, checked and restored by onestep_bench/runs.py (`load_ema_params`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -79,19 +83,17 @@ import optax
 
 from onestep_bench import config_check as cc
 from onestep_bench import method as base
+from onestep_bench import runs
 from onestep_bench.models.embeddings import sinusoidal
 
 PyTree = Any
 
-# The teacher's method; experiments/bench.py and the Makefile can read it to
-# train the teacher first without naming methods.
+# The teacher's method; experiments/bench.py and the Makefile read it to
+# train the teacher first and find its run (`runs.default_workdir`) without
+# naming methods.
 TEACHER_METHOD = 'flow_matching'
-
-
-def default_teacher_workdir(dataset: str, seed: int) -> str:
-  """Where `make bench METHOD=flow_matching DATASET=… SEED=…` writes."""
-  return os.path.join('runs', TEACHER_METHOD, dataset.replace(':', '_'),
-                      f'bench_seed{seed}')
+# No image-specific options (experiments/bench.py applies IMAGE_PRESET).
+IMAGE_PRESET: dict[str, Any] = {}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -314,69 +316,28 @@ class TeacherError(ValueError):
   """The teacher run cannot be used; the message names the fix."""
 
 
-def _normalise(d: Any) -> Any:
-  return json.loads(json.dumps(d, default=str))
-
-
 def load_teacher(workdir: str, config: ml_collections.ConfigDict,
-                 spec: Any) -> PyTree:
-  """EMA params of a flow_matching run of this harness, as numpy arrays.
-
-  The teacher's own saved config (summary.json) builds the restore target:
-  `methods.flow_matching.Method(teacher_config, spec).init`, abstractly.
+                 spec: Any, expect: PyTree | None = None) -> PyTree:
+  """EMA params (numpy) of a `TEACHER_METHOD` run: `runs.load_ema_params`.
 
   Raises:
     TeacherError: missing dir / summary / checkpoint, wrong method, other
-      dataset, or a backbone that differs from `config.model`.
+      dataset, or a backbone that differs from `config.model` (or from the
+      shapes `expect`).
   """
-  from methods import flow_matching  # pylint: disable=g-import-not-at-top
-  from onestep_bench import checkpoint  # pylint: disable=g-import-not-at-top
-  how = ('train one with: python -m onestep_bench.main --config=experiments/'
-         f'bench.py:method=flow_matching,dataset={config.data.name} '
-         f'--workdir={workdir}')
-  if not os.path.isdir(workdir):
-    raise TeacherError(f'config.method.teacher_workdir={workdir!r} does not '
-                       f'exist; {how}')
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    raise TeacherError(f'{workdir} has no summary.json (unfinished teacher '
-                       f'run?); rerun its command to finish it, or {how}')
-  with open(path, encoding='utf-8') as f:
-    tcfg = ml_collections.ConfigDict(json.load(f)['config'])
-  if tcfg.method.name != 'flow_matching':
-    raise TeacherError(f'{workdir} is a {tcfg.method.name!r} run; the '
-                       f'teacher must be flow_matching; {how}')
-  if tcfg.data.name != config.data.name:
-    raise TeacherError(f'teacher in {workdir} was trained on '
-                       f'{tcfg.data.name!r}, this run uses '
-                       f'{config.data.name!r}; {how}')
-  mine, theirs = _normalise(config.model.to_dict()), _normalise(
-      tcfg.model.to_dict())
-  if mine != theirs:
-    diff = sorted(k for k in set(mine) | set(theirs)
-                  if mine.get(k) != theirs.get(k))
-    raise TeacherError(
-        f'teacher backbone in {workdir} differs from config.model in '
-        + ', '.join(f'{k} (teacher {theirs.get(k)!r}, here {mine.get(k)!r})'
-                    for k in diff)
-        + '; set --config.model.<key> to the teacher values.')
-  ckdir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckdir) or not any(
-      n.isdigit() for n in os.listdir(ckdir)):
-    raise TeacherError(f'{workdir} has no checkpoint in {ckdir}; {how}')
-  fm = flow_matching.Method(tcfg, spec)
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-      jax.eval_shape(lambda k: fm.init(k, None), jax.random.key(0)))
-  ckpt = checkpoint.Checkpointer(workdir)
   try:
-    state = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
-  if state is None:
-    raise TeacherError(f'{workdir} has no checkpoint in {ckdir}; {how}')
-  return jax.device_get(state.ema_params)
+    return runs.load_ema_params(workdir, method=TEACHER_METHOD,
+                                config=config, spec=spec, expect=expect)
+  except (runs.RunError, runs.RunMismatchError) as e:
+    raise TeacherError(f'config.method.teacher_workdir: {e}') from e
+
+
+def _teacher_hint(config: ml_collections.ConfigDict) -> str:
+  """Where the bench teacher run is and how to train it."""
+  run = runs.default_workdir(TEACHER_METHOD, config.data.name, config.seed)
+  return (f'--config.method.teacher_workdir={run} (train it first: make '
+          f'bench METHOD={TEACHER_METHOD} DATASET={config.data.name} '
+          f'SEED={config.seed})')
 
 
 # ============================================================= method
@@ -401,13 +362,10 @@ class Method(base.Method):
                            '--config.method.teacher_workdir=runs/...')
     if not cc.require_bool(c, p, 'allow_untrained_teacher') and (
         not c.teacher_workdir):
-      run = default_teacher_workdir(config.data.name, config.seed)
       raise cc.ConfigError(
           'method.teacher_workdir', '', 'f-distill needs a teacher (a '
-          'flow_matching run of this harness)', f'--config.method.teacher_'
-          f'workdir={run} (train it first: make bench METHOD=flow_matching '
-          f'DATASET={config.data.name} SEED={config.seed}), or set '
-          'method.allow_untrained_teacher=True for smoke tests')
+          f'{TEACHER_METHOD} run of this harness)', _teacher_hint(config)
+          + ', or set method.allow_untrained_teacher=True for smoke tests')
     f_div = cc.require_choice(c, p, 'f_div', [*F_DIVERGENCES, 'alpha'])
     alpha = cc.require_real(c, p, 'alpha', example=0.5)
     if f_div == 'alpha' and alpha in (0.0, 1.0):
@@ -468,57 +426,29 @@ class Method(base.Method):
     if k < 1:
       raise ValueError(f'method.student_steps={k} must be >= 1.')
     self.supported_nfe = tuple(n for n in range(1, k + 1) if k % n == 0)
-    kk = c.student_update_freq
-    self.tx = self._optimizer(c.lr_student, 1 / kk)
-    self.tx_fake = self._optimizer(c.lr_fake, 1 - 1 / kk)
-    self.tx_disc = self._optimizer(c.lr_disc, 1 - 1 / kk)
+    # Each net's optimizer counts its own updates (one student step per K
+    # iterations, the critics the other K - 1; `base.make_optimizer`).
+    kk, tc = c.student_update_freq, config.train
+    self.tx = base.make_optimizer(tc, lr=c.lr_student, share=1 / kk,
+                                  offset=1)
+    self.tx_fake = base.make_optimizer(tc, lr=c.lr_fake, share=1 - 1 / kk,
+                                       offset=1)
+    self.tx_disc = base.make_optimizer(tc, lr=c.lr_disc, share=1 - 1 / kk,
+                                       offset=1)
     # The teacher is read here, on the host, before anything compiles (the
     # harness jits `init`); `init` pulls it in through a host callback so
     # it is not baked into the program as a constant.
     self._teacher: PyTree | None = None
     if c.teacher_workdir:
-      self._teacher = load_teacher(c.teacher_workdir, config, spec)
-      want = jax.eval_shape(self.net.init, jax.random.key(0))
-      got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                         self._teacher)
-      if jax.tree.structure(want) != jax.tree.structure(got) or any(
-          a.shape != b.shape for a, b in zip(jax.tree.leaves(want),
-                                             jax.tree.leaves(got),
-                                             strict=True)):
-        raise TeacherError(f'teacher params in {c.teacher_workdir} do not '
-                           'match the shapes of config.model; set '
-                           'config.model to the teacher run\'s values.')
+      self._teacher = load_teacher(
+          c.teacher_workdir, config, spec,
+          expect=jax.eval_shape(self.net.init, jax.random.key(0)))
     elif not c.allow_untrained_teacher:
-      run = default_teacher_workdir(config.data.name, config.seed)
       raise TeacherError(
           'config.method.teacher_workdir is empty: f-distill needs a '
-          'flow_matching run of this harness, e.g. --config.method.'
-          f'teacher_workdir={run} (train it first: make bench '
-          f'METHOD=flow_matching DATASET={config.data.name} SEED='
-          f'{config.seed}), or set method.allow_untrained_teacher=True for '
-          'smoke tests.')
-
-  def _optimizer(self, lr: float, share: float) -> optax.GradientTransformation:
-    """config.train's AdamW + schedule, over this net's own updates.
-
-    A net updated on a fraction `share` of the iterations gets warm-up and
-    decay lengths scaled by `share`, and its schedule is read at count + 1:
-    the harness warm-up starts at lr 0, which would waste the student's
-    first update (the next one is K iterations later).
-    """
-    tc = self.config.train
-    lr = lr or tc.lr
-    n = max(round(tc.num_steps * share), 2)
-    w = max(round(tc.warmup_steps * share), 1)
-    base.make_optimizer(tc)  # validates config.train.schedule
-    if tc.schedule == 'cosine':
-      sched = optax.warmup_cosine_decay_schedule(0.0, lr, w, n)
-    else:
-      sched = optax.linear_schedule(0.0, lr, w)
-    chain = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
-    chain.append(optax.adamw(lambda c: sched(c + 1), b1=tc.b1, b2=tc.b2,
-                             weight_decay=tc.weight_decay))
-    return optax.chain(*chain)
+          f'{TEACHER_METHOD} run of this harness, e.g. '
+          + _teacher_hint(config)
+          + ', or set method.allow_untrained_teacher=True for smoke tests.')
 
   # ------------------------------------------------------------- state
   def upstream_compute(self) -> dict[str, float | None]:
@@ -526,8 +456,7 @@ class Method(base.Method):
     wd = self.mcfg.teacher_workdir
     if not wd:
       return {}
-    from onestep_bench.runs import read_summary  # pylint: disable=g-import-not-at-top
-    s = read_summary(wd)
+    s = runs.read_summary(wd)
     return {f'teacher:{wd}': s.get('total_train_flops')}
 
   def init(self, key, example_batch):

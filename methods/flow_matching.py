@@ -24,6 +24,9 @@ import ml_collections
 from onestep_bench import config_check as cc
 from onestep_bench import method as base
 
+# No image-specific options (experiments/bench.py applies IMAGE_PRESET).
+IMAGE_PRESET: dict[str, object] = {}
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Flow-matching defaults."""

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 import methods
 import onestep_bench
-from onestep_bench import checkpoint, config_check, sharding, train
+from onestep_bench import checkpoint, config_check, runs, sharding, train
 from onestep_bench.data.idx import IdxError
 from onestep_bench.method import UnsupportedNFEError, method_module
 
@@ -41,9 +41,8 @@ def main(argv: list[str]) -> None:
   try:
     # The whole config, before any data is built or anything compiles.
     config_check.validate(config, method_class(config))
-    workdir = _WORKDIR.value or os.path.join(
-        'runs', config.method.name, config.data.name.replace(':', '_'),
-        f'{config.protocol}_seed{config.seed}')
+    workdir = _WORKDIR.value or runs.default_workdir(
+        config.method.name, config.data.name, config.seed, config.protocol)
     summary = train.train_and_evaluate(config, workdir, command=command)
   except Exception as e:  # pylint: disable=broad-except
     if not is_user_error(e):
