@@ -22,7 +22,11 @@ from onestep_bench import runs
 from onestep_bench.method import method_module
 
 DEFAULTS = {'method': 'flow_matching', 'dataset': 'toy2d:8gaussians',
-            'seed': '0', 'smoke': 'False'}
+            'seed': '0', 'smoke': 'False', 'protocol': 'bench'}
+# 'bench': every method's paper / official defaults. 'tuned': the winner of
+# the one declared tuning procedure (experiments/tuning.py), committed in
+# results/tuning/<family>/<method>.json, applied on top.
+PROTOCOLS = ('bench', 'tuned')
 
 # Per-dataset-family budget: (backbone, train, evals). Toy 2D: 3x128 residual
 # MLP, batch 1024 exact samples per step, 4000 AdamW steps (a run of any
@@ -168,6 +172,17 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   if family != 'toy2d' and preset:
     method_cfg.update(preset)
   c.method = method_cfg
+  if args['protocol'] not in PROTOCOLS:
+    from onestep_bench.config_check import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError('protocol', args['protocol'], f'must be one of '
+                      f'{PROTOCOLS}', 'e.g. --config=experiments/bench.py:'
+                      'method=...,protocol=tuned')
+  if args['protocol'] == 'tuned' and not smoke:
+    from onestep_bench import tuning  # pylint: disable=g-import-not-at-top
+    for key, v in tuning.tuned_overrides(args['method'], family).items():
+      sect, name = key.split('.', 1)
+      c[sect][name] = tuple(v) if isinstance(v, list) else v
+    c.protocol = 'tuned'
   if getattr(module, 'TEACHER_METHOD', None):  # distillation methods
     if smoke:  # tests: a freshly initialised teacher, no teacher run needed
       c.method.allow_untrained_teacher = True

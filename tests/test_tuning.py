@@ -60,3 +60,19 @@ def test_tune_writes_table_and_winner(tmp_path):
     tuning.tuned_overrides('meanflow', 'toy2d', str(tmp_path / 'res'))
   with pytest.raises(ValueError, match='validation split'):
     tuning.tune('flow_matching', 'digits', k=1, smoke=True)
+
+
+def test_tuned_protocol_applies_the_committed_winner(tmp_path, monkeypatch):
+  from experiments.bench import get_config  # pylint: disable=g-import-not-at-top
+  d = tmp_path / 'results' / 'tuning' / 'toy2d'
+  d.mkdir(parents=True)
+  (d / 'meanflow.json').write_text(json.dumps(
+      {'overrides': {'train.lr': 3e-4, 'method.ratio_r_neq_t': 0.5}}))
+  monkeypatch.chdir(tmp_path)
+  c = get_config('method=meanflow,protocol=tuned')
+  assert c.protocol == 'tuned' and c.train.lr == 3e-4
+  assert c.method.ratio_r_neq_t == 0.5
+  with pytest.raises(ValueError, match='No tuned config'):
+    get_config('method=tvm,protocol=tuned')
+  with pytest.raises(ValueError, match='protocol'):
+    get_config('method=tvm,protocol=best')
