@@ -19,6 +19,39 @@ def _flags():
     flags.FLAGS(['perf'])
 
 
+def _rows(tmp_path):
+  with open(tmp_path / 'perf.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  assert all(r['git_sha'] and r['device'] for r in rows)
+  assert 'error' not in {r['metric'] for r in rows}
+  return {(r['section'], r['method'], r['metric']): r for r in rows}
+
+
+def _finite(got, keys):
+  for key in keys:
+    assert key in got, sorted(got)
+    v = float(got[key]['value'])
+    assert math.isfinite(v) and v > 0, (key, v)
+
+
+def test_perf_quick_core_sections(tmp_path):
+  """Overhead, step ratio, sampling and dispatch figures (the fast part)."""
+  p = perf.Perf(repeats=1, quick=True)
+  p.overhead('mlp')
+  p.methods('mlp', ['flow_matching'], memory=False, step=True)
+  p.sampling('mlp', ['flow_matching'])
+  p.dispatch()
+  p.write(str(tmp_path))
+  got = _rows(tmp_path)
+  _finite(got, [('overhead', 'flow_matching', 'harness_over_hand'),
+                ('sampling', 'flow_matching', 'nfe1_over_forward_throughput'),
+                ('dispatch', 'flow_matching', 'speedup_100_over_1')])
+  assert got[('methods', 'flow_matching', 'step_over_flow_matching')][
+      'value'] == '1.0'
+  assert (tmp_path / 'perf.md').read_text(encoding='utf-8').count('\n| ') > 3
+
+
+@pytest.mark.slow
 def test_perf_quick_writes_every_figure(tmp_path, cheap_classifier):
   del cheap_classifier
   p = perf.Perf(repeats=1, quick=True)
@@ -29,22 +62,13 @@ def test_perf_quick_writes_every_figure(tmp_path, cheap_classifier):
   p.evaluator()
   p.mfu()
   p.write(str(tmp_path))
-  with open(tmp_path / 'perf.csv', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
-  got = {(r['section'], r['method'], r['metric']): r for r in rows}
-  for key in [('overhead', 'flow_matching', 'harness_over_hand'),
-              ('methods', 'f_distill', 'step_over_flow_matching'),
-              ('memory', 'f_distill', 'peak_over_flow_matching'),
-              ('methods', 'f_distill', 'lax_cond_over_static_phase'),
-              ('sampling', 'flow_matching', 'nfe1_over_forward_throughput'),
-              ('dispatch', 'flow_matching', 'speedup_100_over_1'),
-              ('evaluator', '', 'flax_images_per_s'),
-              ('evaluator', '', 'fid_256_end_to_end_s')]:
-    assert key in got, sorted(got)
-    v = float(got[key]['value'])
-    assert math.isfinite(v) and v > 0, (key, v)
-  assert got[('methods', 'flow_matching', 'step_over_flow_matching')][
-      'value'] == '1.0'
-  assert all(r['git_sha'] and r['device'] for r in rows)
-  assert 'error' not in {r['metric'] for r in rows}
+  got = _rows(tmp_path)
+  _finite(got, [('overhead', 'flow_matching', 'harness_over_hand'),
+                ('methods', 'f_distill', 'step_over_flow_matching'),
+                ('memory', 'f_distill', 'peak_over_flow_matching'),
+                ('methods', 'f_distill', 'lax_cond_over_static_phase'),
+                ('sampling', 'flow_matching', 'nfe1_over_forward_throughput'),
+                ('dispatch', 'flow_matching', 'speedup_100_over_1'),
+                ('evaluator', '', 'flax_images_per_s'),
+                ('evaluator', '', 'fid_256_end_to_end_s')])
   assert (tmp_path / 'perf.md').read_text(encoding='utf-8').count('\n| ') > 5

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from onestep_bench import data, sharding, train
 from onestep_bench.evaluators import runner
-from onestep_bench.method import load_method
+from onestep_bench.method import available_methods, load_method
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -45,6 +45,15 @@ def _assert_close(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
 
 
+# Every method in the slow suite; the fast suite keeps one single-network
+# method and the two structural cases (a multi-net state with alternating
+# phases: f_distill's fsdp case below; method extras: tvm).
+_FAST_8DEV = ('flow_matching', 'tvm')
+
+
+@pytest.mark.parametrize('method_name', [
+    m if m in _FAST_8DEV else pytest.param(m, marks=pytest.mark.slow)
+    for m in available_methods()])
 def test_8_devices_match_1_device(method_name, tmp_path):
   assert jax.device_count() == 8
   loss1, s1 = _run(method_name, tmp_path / 'one', data=1)
