@@ -4,10 +4,11 @@ make sweep EXP=drifting_toy_ablations SWEEP=temperatures
 make sweep EXP=drifting_toy_ablations SWEEP=normalization
 
 Temperatures are in normalised-distance units with feature_norm=True. On toy
-2-D data `methods/drifting.py` refuses sets whose largest τ is below 0.1
-there (TOY_TAU_MAX_MIN): a narrower kernel does not reach the neighbouring
-modes and holds a one-mode collapse (issue 18 §2; 8gaussians, 1000 steps:
-(0.01,), (0.02,), (0.05,), (0.02, 0.05) end on 1-2 of 8 modes). The
+mixtures with separated modes (8gaussians here) `methods/drifting.py`
+refuses sets whose largest τ is below 0.1 there (TOY_TAU_MAX_MIN): a
+narrower kernel does not reach the neighbouring modes and holds a one-mode
+collapse (issue 18 §2; 8gaussians, 1000 steps: (0.01,), (0.02,), (0.05,),
+(0.02, 0.05) end on 1-2 of 8 modes). The
 official toy demo's single τ = 0.05 runs in raw units, without feature or
 drift normalisation: allowed (data units), but on 8gaussians it too ends
 on one mode in 2 of 3 seeds; the logged `coverage` shows it.

@@ -244,6 +244,9 @@ def _validate(dataset='toy2d:8gaussians', **overrides):
                           'method.drift_norm': False}),
     ('toy2d:8gaussians', {'method.temperatures': (0.05, 0.2)}),
     ('toy2d:8gaussians', {'method.temperatures': (0.1,)}),
+    # no separated modes: a single narrow τ trains (sliced W2 as default)
+    ('toy2d:checkerboard', {'method.temperatures': (0.05,)}),
+    ('toy2d:8gaussians_torchcfm', {'method.temperatures': (0.05,)}),
     # images: single narrow τ is the paper's A.6 ablation (not refused)
     ('digits', {'method.temperatures': (0.02,)}),
     ('digits', {'data.conditional': True, 'model.guidance_embed': True,
@@ -296,6 +299,16 @@ def test_validate_config_refuses_images(overrides, key, match):
   with pytest.raises(cc.ConfigError, match=match) as err:
     _validate('digits', **overrides)
   assert err.value.key == key
+
+
+def test_separated_modes():
+  assert drifting.separated_modes('8gaussians')
+  assert drifting.separated_modes('8gaussians_imbalanced')
+  assert drifting.separated_modes('25gaussians')
+  assert not drifting.separated_modes('8gaussians_torchcfm')
+  assert not drifting.separated_modes('checkerboard')
+  with pytest.raises(cc.ConfigError, match='separated modes'):
+    _validate('toy2d:25gaussians', **{'method.temperatures': (0.05,)})
 
 
 def test_toy_ablations_are_all_allowed():
