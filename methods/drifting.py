@@ -585,6 +585,13 @@ class Method(base.Method):
     self.encoder = encoders.load_or_train(
         dataset, recipe, max_locations=self.mcfg.encoder_max_locations)
 
+  def upstream_compute(self) -> dict[str, float | None]:
+    """The frozen encoder's MAE pre-training FLOPs (its cache metadata)."""
+    if self.encoder is None:
+      return {}
+    info = self.encoder.info
+    return {f'encoder:{info.get("cache_key", "")}': info.get('train_flops')}
+
   def init_extras(self, key, params):
     """The frozen encoder's params, when the field uses encoder features."""
     del key, params

@@ -151,11 +151,6 @@ BUGS = {
 }
 
 
-def _drifting_hook() -> bool:
-  from methods import drifting  # pylint: disable=g-import-not-at-top
-  return 'validate_config' in vars(drifting.Method)
-
-
 _DRIVER = r'''
 import contextlib, io, json, sys, traceback
 from absl import app, flags
@@ -210,8 +205,6 @@ def table(tmp_path_factory):
   """{case: {'rc', 'stderr', 'exception'?}} from one driver subprocess."""
   base = tmp_path_factory.mktemp('bad_inputs')
   rows = dict(BAD)
-  if not _drifting_hook():  # it would train (to NaN); the case xfails
-    del rows['drifting temperatures=(0.0,)']
   cases = {}
   for name, (argv, _) in rows.items():
     work, res = _dirs(base, name)
@@ -240,12 +233,7 @@ def _check_one_error_line(rc: int, stderr: str, pattern: str) -> str:
   return errors[0]
 
 
-@pytest.mark.parametrize('case', [
-    pytest.param(c, marks=pytest.mark.xfail(
-        strict=False, reason="drifting's validate_config hook (owned by "
-        'another change) has not landed yet'))
-    if c.startswith('drifting') and not _drifting_hook() else c
-    for c in BAD])
+@pytest.mark.parametrize('case', sorted(BAD))
 def test_bad_input_one_error_line_nothing_written(case, table):
   base, out = table
   assert case in out, f'{case} was not run'

@@ -242,3 +242,20 @@ def test_equal_training_compute_reads_the_curves():
   assert v['flops'] == 2e9
   got = {m: s for m, s, _, _ in v['rows']}
   assert got == {'fast': 0.2, 'slow': None, 'student': None}
+
+
+def test_upstream_compute_counts_teacher_and_encoder(tmp_path):
+  import json as _json  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  from conftest import method_setup  # pylint: disable=g-import-not-at-top
+  _, _, drift = method_setup('drifting')
+  assert drift.upstream_compute() == {}  # raw features: no encoder
+  drift.encoder = types.SimpleNamespace(info={'cache_key': 'k1',
+                                              'train_flops': 5e12})
+  assert drift.upstream_compute() == {'encoder:k1': 5e12}
+  _, _, fd = method_setup('f_distill')
+  (tmp_path / 'summary.json').write_text(_json.dumps(
+      {'total_train_flops': 7e12}))
+  fd.mcfg.teacher_workdir = str(tmp_path)
+  assert fd.upstream_compute() == {f'teacher:{tmp_path}': 7e12}
