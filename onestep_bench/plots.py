@@ -124,6 +124,16 @@ def run_figures(summary: Mapping[str, Any], results_dir: str) -> list[str]:
   return out
 
 
+def _errorbars(ax: Any, lines: Mapping[str, list[dict[str, str]]],
+               x: Any, metric: str) -> None:
+  """One mean ± std line per label of wide leaderboard rows, sorted by x."""
+  for label, rs in sorted(lines.items()):
+    rs.sort(key=x)
+    ax.errorbar([x(r) for r in rs], [float(r[f'{metric}_mean']) for r in rs],
+                yerr=[float(r[f'{metric}_std'] or 0) for r in rs], marker='o',
+                ms=3, capsize=2, label=label)
+
+
 def metric_vs_nfe(leaderboard_csv_path: str, metric: str, path: str,
                   protocol: str | None = None) -> str | None:
   """`metric` mean ± std vs NFE (log x), one line per method.
@@ -148,12 +158,7 @@ def metric_vs_nfe(leaderboard_csv_path: str, metric: str, path: str,
     label = ' '.join([r['method'], *(f'{k}={r[k]}' for k in varying)])
     lines.setdefault(label, []).append(r)
   fig, ax = plt.subplots(figsize=(4.8, 3.4))
-  for label, rs in sorted(lines.items()):
-    rs.sort(key=lambda r: int(r['nfe']))
-    ax.errorbar([int(r['nfe']) for r in rs],
-                [float(r[f'{metric}_mean']) for r in rs],
-                yerr=[float(r[f'{metric}_std'] or 0) for r in rs], marker='o',
-                ms=3, capsize=2, label=label)
+  _errorbars(ax, lines, lambda r: int(r['nfe']), metric)
   floors = [float(r[f'{metric}_floor_mean']) for r in rows
             if r.get(f'{metric}_floor_mean')]
   if floors and 'n_samples' not in varying:
@@ -239,12 +244,8 @@ def metric_vs_sampling_flops(leaderboard_csv_path: str, metric: str,
   for r in rows:
     by_method.setdefault(r['method'], []).append(r)
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
-  for m, rs in sorted(by_method.items()):
-    rs.sort(key=lambda r: float(r['flops_per_sample']))
-    ax.errorbar([float(r['flops_per_sample']) for r in rs],
-                [float(r[f'{metric}_mean']) for r in rs],
-                yerr=[float(r[f'{metric}_std'] or 0) for r in rs], marker='o',
-                ms=3, capsize=2, label=m)
+  _errorbars(ax, by_method, lambda r: float(r['flops_per_sample']), metric)
+  for rs in by_method.values():
     for r in rs:
       ax.annotate(r['nfe'], (float(r['flops_per_sample']),
                              float(r[f'{metric}_mean'])), fontsize=6,
