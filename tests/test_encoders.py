@@ -1,4 +1,4 @@
-"""The frozen ResNet-MAE feature encoder (onestep_bench/encoders.py).
+"""The frozen ResNet-MAE feature encoder (onestep_bench/encoders/).
 
 Fast tests use a tiny recipe (width 8, 80 steps) on a temporary cache; the
 full-recipe quality check is `slow`.
@@ -24,7 +24,7 @@ def _frozen(shape, abstract=True, **recipe):
   r = dict(encoders.RECIPE, **recipe)
   enc = encoders.encoder_fn(shape[-1], r['width'], r['blocks'],
                             encoders.group_rule(r))
-  params = enc.abstract() if abstract else enc.init(0)
+  params = enc.abstract() if abstract else encoders.init_numpy(enc, 0)
   return encoders.FrozenEncoder(shape, params, {'recipe': r})
 
 
@@ -201,7 +201,8 @@ def test_cache_hit_and_miss(tiny, monkeypatch):
     calls.append(recipe)
     return enc.params, dict(enc.info)
 
-  monkeypatch.setattr(encoders, 'train', fake_train)
+  # load_or_train looks `train` up in encoders/cache.py: patch it there.
+  monkeypatch.setattr(encoders.cache, 'train', fake_train)
   hit = encoders.load_or_train(ds, TINY)
   assert not calls and _leaves_equal(hit.params, enc.params)
   assert hit.info == enc.info
