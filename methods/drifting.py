@@ -84,6 +84,13 @@ positive) is blind to dropped modes; `nn_dist_rev` (positive -> nearest
 generated) and `coverage` (Naeem et al. 2020, eq. 4, k = 5: share of data
 points whose k-NN ball holds a generated sample; ≈ 0.97 for two draws of
 one law, ≤ 1/K on one of K equal modes) see them; see `coverage_stats`.
+
+Layout (over the ~400-line guide of issue 19: about half is the docstrings
+and measured evidence the spec cites): the field (`drift_field`,
+`drift_loss`, `coverage_stats`); the image path's pure pieces
+(`cfg_negatives`, `feature_loss`, `image_sample_metrics`); `Method`, whose
+`loss` dispatches to `_toy_loss` (raw vectors, spec §1.8) or `_image_loss`
+(feature keys from `_pixel_features` / `_encoder_features`, spec §1.4-1.5).
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
       features='auto',
       # Frozen feature encoder (images): the harness trains a small
       # ResNet-MAE on the training split (paper A.3 latent-MAE recipe, scaled
-      # down; onestep_bench/encoders.py) and caches it. Never the evaluator's
+      # down; onestep_bench/encoders/) and caches it. Never the evaluator's
       # network. 0 = the recipe default for width / steps.
       encoder_width=0,
       encoder_steps=0,
@@ -420,6 +427,117 @@ def regroup(f: jax.Array, groups: int) -> jax.Array:
   return f.reshape(groups * locs, gn // groups, c)
 
 
+def cfg_negatives(
+    k_alpha: jax.Array, k_unc: jax.Array, pos: jax.Array, groups: int,
+    n: int, *, num_unc: int, alpha_max: float, power: float, p_one: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """CFG in training (paper §3.5, eqs. 8-9, A.7): α and the extra negatives.
+
+  α is drawn per class group (`sample_alpha`); the unconditional negatives
+  are `num_unc` real samples of random class per group (the batch's
+  marginal is the data's), with kernel weight w = (α-1)(N-1)/N_unc
+  (official `train.py`), so the fixed point is q(·|c) = α p(·|c) -
+  (α-1) p(·|∅) (eq. 9).
+
+  Args:
+    k_alpha: key of the α draw.
+    k_unc: key of the unconditional negatives' indices.
+    pos: [B, ...] the positives (the data batch).
+    groups: class groups G.
+    n: generated samples per group N.
+    num_unc: unconditional negatives per group N_unc.
+    alpha_max: largest α.
+    power: p(α) ∝ α^-power.
+    p_one: probability of α = 1.
+
+  Returns:
+    (alpha [G·N], one per generated sample; unc [G·N_unc, ...] negatives,
+    group-major; unc_w [G] their weight).
+  """
+  a_g = sample_alpha(k_alpha, groups, alpha_max=alpha_max, power=power,
+                     p_one=p_one)
+  alpha = jnp.repeat(a_g, n)
+  idx = jax.random.randint(k_unc, (groups * num_unc,), 0, pos.shape[0])
+  unc = pos[idx]
+  unc_w = (a_g - 1.0) * (n - 1) / num_unc
+  return alpha, unc, unc_w
+
+
+def feature_loss(
+    fx: dict[str, jax.Array], fp: dict[str, jax.Array], groups: int,
+    fu: dict[str, jax.Array] | None = None, unc_w: jax.Array | None = None,
+    **field_kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Eq. 1 summed over feature keys j (eqs. 6-7), per (class, location).
+
+  Σ_j mean((φ_j(x)/ρ_j - sg(φ_j(x)/ρ_j + V_j))²), each key j regrouped into
+  one group per (class group, location) (`regroup`, spec §1.4) with its own
+  global scale (paper A.6).
+
+  Args:
+    fx: {key: [G·N, L, C]} features of the generated samples (gradients
+      flow through these).
+    fp: {key: [G·P, L, C]} features of the positives, stop-gradient.
+    groups: class groups G.
+    fu: {key: [G·U, L, C]} features of the CFG negatives, stop-gradient, or
+      None (no CFG).
+    unc_w: [G] their weight (`cfg_negatives`), with `fu`.
+    **field_kwargs: `drift_loss` options (`temperatures`, `feature_norm`,
+      `drift_norm`, `floor`).
+
+  Returns:
+    (scalar loss, {'field_rms/<key>', 'num_feature_keys'}).
+  """
+  total, metrics = 0.0, {}
+  for name in fx:
+    xs, ps = regroup(fx[name], groups), regroup(fp[name], groups)
+    kw = {}
+    if fu is not None:
+      us = regroup(fu[name], groups)
+      kw = dict(extra_neg=us, extra_neg_weights=jnp.repeat(
+          unc_w, fx[name].shape[1])[:, None])
+    loss_k, stats = drift_loss(xs, ps, **kw, **field_kwargs)
+    total = total + loss_k
+    metrics[f'field_rms/{name}'] = stats['field_rms']
+  metrics['num_feature_keys'] = jnp.asarray(len(fx), jnp.float32)
+  return total, metrics
+
+
+def image_sample_metrics(x: jax.Array, pos: jax.Array,
+                         groups: int) -> dict[str, jax.Array]:
+  """Online pixel-space sample metrics per class group (no gradient).
+
+  The loss (eq. 1) is ≈ constant by construction with drift_norm
+  (lambertae/drifting#3), so these are what a run is judged by: mean L2
+  distance per pixel (÷ √D) from each generated image to its nearest
+  positive of its group (`nn_dist`), the same among the positives
+  (`nn_dist_data`), from each positive to its nearest generated image
+  (`nn_dist_rev`) and `coverage` (Naeem et al. 2020, eq. 4; per group, so
+  it sees a class collapse), see `coverage_stats`.
+
+  Args:
+    x: [G·N, ...] generated images, group-major.
+    pos: [G·P, ...] positives, group-major.
+    groups: class groups G.
+
+  Returns:
+    {'nn_dist', 'nn_dist_data', 'nn_dist_rev'[, 'coverage' when P ≥ 2]}.
+  """
+  p = pos.shape[0] // groups
+  xr = regroup(x.reshape(x.shape[0], 1, -1), groups)
+  pr = regroup(pos.reshape(pos.shape[0], 1, -1), groups)
+  d_gen = _cdist(jax.lax.stop_gradient(xr), pr)
+  d_pos = _cdist(pr, pr) + 1e9 * jnp.eye(p)
+  dim = math.sqrt(xr.shape[-1])
+  cover = coverage_stats(d_gen, d_pos)
+  out = dict(nn_dist=jnp.mean(jnp.min(d_gen, -1)) / dim,
+             nn_dist_data=jnp.mean(jnp.min(d_pos, -1)) / dim,
+             nn_dist_rev=cover['nn_dist_rev'] / dim)
+  if 'coverage' in cover:
+    out['coverage'] = cover['coverage']
+  return out
+
+
 def separated_modes(toy_name: str) -> bool:
   """Whether toy2d:<toy_name> is a mixture with modes > TOY_SEPARATION σ apart.
 
@@ -605,15 +723,29 @@ class Method(base.Method):
     return {'encoder': jax.tree.map(jnp.asarray, self.encoder.params)}
 
   def features(self, extras, x: jax.Array) -> dict[str, jax.Array]:
-    """Feature dict {key: [B, L, C]} the field is computed on (paper A.5)."""
-    out = {}
-    if self.use_pixels:
-      out['global'] = x.reshape(x.shape[0], 1, -1)
-    if self.use_encoder:
-      enc = self.encoder.features(
-          jax.lax.stop_gradient(extras['encoder']), x)
-      out.update({f'enc/{k}': v for k, v in enc.items()})
-    return out
+    """Feature dict {key: [B, L, C]} the field is computed on (paper A.5).
+
+    `global` (`_pixel_features`) first, then the `enc/…` keys
+    (`_encoder_features`), as selected by config.method.features.
+    """
+    return {**self._pixel_features(x), **self._encoder_features(extras, x)}
+
+  def _pixel_features(self, x: jax.Array) -> dict[str, jax.Array]:
+    """{'global': [B, 1, D]}: the raw output as one vector (paper A.5)."""
+    if not self.use_pixels:
+      return {}
+    return {'global': x.reshape(x.shape[0], 1, -1)}
+
+  def _encoder_features(self, extras, x: jax.Array) -> dict[str, jax.Array]:
+    """{'enc/<key>': [B, L, C]}: the frozen encoder's multi-scale keys.
+
+    Paper A.5 (feature maps of the latent-MAE, A.3); the encoder params in
+    `extras` are frozen (stop-gradient), gradients flow back through x.
+    """
+    if not self.use_encoder:
+      return {}
+    enc = self.encoder.features(jax.lax.stop_gradient(extras['encoder']), x)
+    return {f'enc/{k}': v for k, v in enc.items()}
 
   # ------------------------------------------------------------ generator
   def _style(self, key: jax.Array, n: int) -> jax.Array | None:
@@ -629,27 +761,63 @@ class Method(base.Method):
 
   # -------------------------------------------------------------- training
   def loss(self, params, batch, key, state):
-    """Eq. 1 summed over feature keys (eqs. 6-7), groups per class/location."""
-    pos = batch['x']
-    m = self.mcfg
-    field = dict(temperatures=tuple(m.temperatures),
-                 feature_norm=m.feature_norm, drift_norm=m.drift_norm,
-                 floor=m.affinity_floor)
-    if self.spec.kind == 'toy2d':  # raw coordinates, one group (spec §1.8)
-      n = m.num_gen or pos.shape[0]
-      x = self.generate(params, self.noise(key, n))
-      loss, stats = drift_loss(x.reshape(1, n, -1),
-                               pos.reshape(1, pos.shape[0], -1),
-                               coverage_k=COVERAGE_K, **field)
-      # The loss is ≈ ‖Σ_τ Ṽ_τ‖², constant by construction with drift_norm
-      # (lambertae/drifting#3); field_rms / nn_dist are what converge, and
-      # nn_dist_rev / coverage see dropped modes (nn_dist does not).
-      return loss, dict(field_rms=stats['field_rms'],
-                        nn_dist=stats['nn_dist'],
-                        nn_dist_rev=stats['nn_dist_rev'],
-                        coverage=stats['coverage'],
-                        feature_scale=stats['scale'])
+    """Eq. 1 (summed over feature keys, eqs. 6-7): the toy or image path."""
+    if self.spec.kind == 'toy2d':
+      return self._toy_loss(params, batch['x'], key)
+    return self._image_loss(params, batch, key, state.extras)
 
+  def _field_kwargs(self) -> dict:
+    """The `drift_loss` options of config.method (spec §1.3)."""
+    m = self.mcfg
+    return dict(temperatures=tuple(m.temperatures),
+                feature_norm=m.feature_norm, drift_norm=m.drift_norm,
+                floor=m.affinity_floor)
+
+  def _toy_loss(self, params, pos: jax.Array, key: jax.Array):
+    """Toy data (spec §1.8): eq. 1 on raw vectors, one group.
+
+    Every generated sample against the whole data batch, in raw coordinates
+    (no feature keys, classes or CFG); the plain key draws the noise (the
+    recorded toy rows).
+
+    Args:
+      params: generator params.
+      pos: [B, D] the data batch (positives).
+      key: the noise key.
+
+    Returns:
+      (loss, metrics). The loss is ≈ ‖Σ_τ Ṽ_τ‖², constant by construction
+      with drift_norm (lambertae/drifting#3); `field_rms` / `nn_dist` are
+      what converge, and `nn_dist_rev` / `coverage` see dropped modes
+      (`nn_dist` does not).
+    """
+    n = self.mcfg.num_gen or pos.shape[0]
+    x = self.generate(params, self.noise(key, n))
+    loss, stats = drift_loss(x.reshape(1, n, -1),
+                             pos.reshape(1, pos.shape[0], -1),
+                             coverage_k=COVERAGE_K, **self._field_kwargs())
+    return loss, dict(field_rms=stats['field_rms'], nn_dist=stats['nn_dist'],
+                      nn_dist_rev=stats['nn_dist_rev'],
+                      coverage=stats['coverage'],
+                      feature_scale=stats['scale'])
+
+  def _image_loss(self, params, batch, key: jax.Array, extras):
+    """Images (spec §1.4-1.5): eq. 1 over feature keys (eqs. 6-7).
+
+    The batch holds G = class_groups one-class blocks of P positives
+    (G = 1 unlabelled); N = num_gen or P samples are generated per block
+    with its label and, with CFG, its α (`cfg_negatives`, paper A.7).
+
+    Args:
+      params: generator params.
+      batch: {'x': [G·P, ...], 'y': [G·P] (labelled data)}.
+      key: split into the noise, α, CFG-negative and style keys.
+      extras: `init_extras` (the frozen encoder's params, if used).
+
+    Returns:
+      (loss, metrics): `feature_loss` and `image_sample_metrics`.
+    """
+    pos, m = batch['x'], self.mcfg
     g = self.class_groups or 1
     p = pos.shape[0] // g
     n = m.num_gen or p
@@ -658,49 +826,31 @@ class Method(base.Method):
     if self.spec.num_classes:
       labels = jnp.repeat(batch['y'][::p], n)               # [G·N]
     if self.cfg:
-      a_g = sample_alpha(k_alpha, g, alpha_max=m.cfg_alpha_max,
-                         power=m.cfg_alpha_power, p_one=m.cfg_p_one)
-      alpha = jnp.repeat(a_g, n)
-      # Unconditional negatives: real samples of random class (the batch's
-      # marginal is the data's), weight w = (α-1)(N-1)/N_unc (paper A.7).
-      idx = jax.random.randint(k_unc, (g * m.num_unc,), 0, pos.shape[0])
-      unc = pos[idx]
-      unc_w = (a_g - 1.0) * (n - 1) / m.num_unc               # [G]
+      alpha, unc, unc_w = cfg_negatives(
+          k_alpha, k_unc, pos, g, n, num_unc=m.num_unc,
+          alpha_max=m.cfg_alpha_max, power=m.cfg_alpha_power,
+          p_one=m.cfg_p_one)
     x = self.generate(params, self.noise(k_eps, g * n), labels, alpha,
                       self._style(k_style, g * n))
-    fx = self.features(state.extras, x)
-    fp = jax.lax.stop_gradient(self.features(state.extras, pos))
-    fu = (jax.lax.stop_gradient(self.features(state.extras, unc))
+    fx = self.features(extras, x)
+    fp = jax.lax.stop_gradient(self.features(extras, pos))
+    fu = (jax.lax.stop_gradient(self.features(extras, unc))
           if unc is not None else None)
-    total, metrics = 0.0, {}
-    for name in fx:
-      xs, ps = regroup(fx[name], g), regroup(fp[name], g)
-      kw = {}
-      if fu is not None:
-        us = regroup(fu[name], g)
-        kw = dict(extra_neg=us, extra_neg_weights=jnp.repeat(
-            unc_w, fx[name].shape[1])[:, None])
-      loss_k, stats = drift_loss(xs, ps, **kw, **field)
-      total = total + loss_k
-      metrics[f'field_rms/{name}'] = stats['field_rms']
-    # Online sample metric (the loss is constant by construction): mean L2
-    # distance, per pixel, from each generated image to its nearest positive
-    # of its group, next to the same statistic among the positives.
-    xr = regroup(x.reshape(g * n, 1, -1), g)
-    pr = regroup(pos.reshape(g * p, 1, -1), g)
-    d_gen = _cdist(jax.lax.stop_gradient(xr), pr)
-    d_pos = _cdist(pr, pr) + 1e9 * jnp.eye(p)
-    dim = math.sqrt(xr.shape[-1])
-    cover = coverage_stats(d_gen, d_pos)  # per group: class collapse
-    metrics.update(nn_dist=jnp.mean(jnp.min(d_gen, -1)) / dim,
-                   nn_dist_data=jnp.mean(jnp.min(d_pos, -1)) / dim,
-                   nn_dist_rev=cover['nn_dist_rev'] / dim,
-                   num_feature_keys=jnp.asarray(len(fx), jnp.float32))
-    if 'coverage' in cover:
-      metrics['coverage'] = cover['coverage']
+    total, metrics = feature_loss(fx, fp, g, fu, unc_w, **self._field_kwargs())
+    metrics.update(image_sample_metrics(x, pos, g))
     return total, metrics
 
   # -------------------------------------------------------------- sampling
+  def _sample_keys(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(noise key, style key) of `sample`; toy noise uses the plain key.
+
+    The plain key on toy data keeps the recorded toy rows reproducible.
+    """
+    k_eps, k_style = jax.random.split(key)
+    if self.spec.kind == 'toy2d':
+      k_eps = key
+    return k_eps, k_style
+
   def sample(self, params, key, n, *, nfe, labels=None, guidance=None):
     """f_θ(ε, c, α), ε ~ N(0, I): exactly one network evaluation.
 
@@ -713,9 +863,7 @@ class Method(base.Method):
     if guidance is not None and not self.cfg:
       raise ValueError('this drifting model was trained without CFG; sample '
                        'with guidance=None.')
-    k_eps, k_style = jax.random.split(key)
-    if self.spec.kind == 'toy2d':  # the recorded toy rows use the plain key
-      k_eps = key
+    k_eps, k_style = self._sample_keys(key)
     alpha = None
     if self.cfg:
       alpha = jnp.full((n,), 1.0 if guidance is None else guidance,

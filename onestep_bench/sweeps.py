@@ -5,7 +5,7 @@ An experiment is a module `experiments/<EXP>.py` with
   from experiments.bench import get_config   # the protocol
   BASE = 'method=…,dataset=…'          # get_config's argument string
   def sweep_<name>():                  # one generator per named sweep
-    yield {'method.temperatures': (0.05,)}
+    yield {'method.temperatures': (0.05, 0.2)}
     ...
 
 Several sweeps are combined as a product. Every point trains and evaluates

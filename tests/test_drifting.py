@@ -339,6 +339,33 @@ def test_regroup_is_class_then_location():
   np.testing.assert_array_equal(r[1 * 4 + 2], f[3:6, 2])
 
 
+def test_cfg_negatives_weight_and_layout():
+  pos = jnp.arange(12.0)[:, None]  # G=3 blocks of P=4; N=5, N_unc=2
+  alpha, unc, w = drifting.cfg_negatives(
+      jax.random.key(0), jax.random.key(1), pos, 3, 5, num_unc=2,
+      alpha_max=4.0, power=3.0, p_one=0.0)
+  assert alpha.shape == (15,) and unc.shape == (6, 1) and w.shape == (3,)
+  a_g = alpha[::5]  # one α per class group, repeated over its N samples
+  np.testing.assert_array_equal(alpha, jnp.repeat(a_g, 5))
+  np.testing.assert_allclose(w, (a_g - 1.0) * 4 / 2)  # (α-1)(N-1)/N_unc
+  assert bool(jnp.all(jnp.isin(unc, pos)))
+
+
+def test_feature_loss_sums_drift_loss_over_keys():
+  kx, kp = jax.random.split(jax.random.key(4))
+  fx = {'a': jax.random.normal(kx, (6, 2, 3)),
+        'b': jax.random.normal(kx, (6, 1, 4))}
+  fp = {'a': jax.random.normal(kp, (8, 2, 3)),
+        'b': jax.random.normal(kp, (8, 1, 4))}
+  total, metrics = drifting.feature_loss(fx, fp, 2, temperatures=(0.2,))
+  parts = [drifting.drift_loss(drifting.regroup(fx[k], 2),
+                               drifting.regroup(fp[k], 2),
+                               temperatures=(0.2,)) for k in ('a', 'b')]
+  np.testing.assert_allclose(total, parts[0][0] + parts[1][0], rtol=1e-6)
+  assert float(metrics['num_feature_keys']) == 2
+  assert {'field_rms/a', 'field_rms/b'} <= set(metrics)
+
+
 def _image_method(dataset='digits', **kw):
   config = bench.get_config(f'method=drifting,dataset={dataset},smoke=True')
   config.update_from_flattened_dict(kw)
