@@ -123,8 +123,8 @@ def tune(method: str, family: str, *, k: int | None = None,
     s = train.train_and_evaluate(c, wd)
     scores = {}
     for rec in s['evals']:
-      with np.load(os.path.join(wd, rec['samples_file']),
-                   allow_pickle=False) as z:
+      path = os.path.join(wd, rec['samples_file'])
+      with np.load(path, allow_pickle=False) as z:
         scores[rec['nfe']] = validation_score(z['x'], dataset)
     rows.append({'trial': i, 'seed': seed, 'overrides': json.dumps(ov),
                  'val_score': float(np.mean(list(scores.values()))),

@@ -387,6 +387,7 @@ def _two_steps(config, ds, method):
   return state, metrics
 
 
+@pytest.mark.slow  # fast twin: test_results_integrity's drifting CFG e2e
 def test_images_pixels_conditional_cfg():
   config, ds, method = _image_method(**{
       'data.conditional': True, 'model.guidance_embed': True,
@@ -430,6 +431,7 @@ def test_encoder_features_need_images():
     load_method(config, data.build(config.data).spec)
 
 
+@pytest.mark.slow  # fast twins: test_encoders + feature_loss tests here
 def test_images_encoder_features_unconditional(monkeypatch):
   from onestep_bench import encoders  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(encoders.RECIPE, 'steps', 5)

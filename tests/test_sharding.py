@@ -63,7 +63,10 @@ def test_8_devices_match_1_device(method_name, tmp_path):
   _assert_close(s8.extras, s1.extras)
 
 
-@pytest.mark.parametrize('name', ['flow_matching', 'tvm', 'f_distill'])
+@pytest.mark.parametrize('name', [
+    pytest.param('flow_matching', marks=pytest.mark.slow),
+    pytest.param('tvm', marks=pytest.mark.slow),
+    'f_distill'])  # fast: the multi-network state with alternating phases
 def test_fsdp_matches_replicated(name, tmp_path):
   # fsdp_min_size=0: the smoke MLP is tiny, shard every divisible leaf.
   loss_r, s_r = _run(name, tmp_path / 'repl', data=8)
