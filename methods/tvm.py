@@ -93,17 +93,23 @@ IMAGE_PRESET = dict(
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """TVM defaults: toy-2D choices, official values in the comments."""
+  """TVM defaults: the official values (Zhou et al. 2025, lumalabs/tvm).
+
+  The bench protocol runs these on every dataset; earlier measurements on
+  the ranked toy sets stay in the comments as evidence only, and reach a
+  run through the declared tuning procedure (protocol `tuned`).
+  """
   return ml_collections.ConfigDict(dict(
       # Terminal time s and FM time s': 'logit_normal' sigmoid(N(mean, std))
       # (official, s_P_mean=-0.4, s_P_std=1.0) or 'uniform' (s ~ U[0, 1-Δ],
-      # so t = s + Δ ~ U[Δ, 1]; s' ~ U[0, 1]). Toy 2D: 'uniform'. Bench
-      # protocol, 8gaussians, seeds 0 / 1, energy distance at NFE 1, 2, 4:
+      # so t = s + Δ ~ U[Δ, 1]; s' ~ U[0, 1]). Earlier measurement on a
+      # ranked set (evidence, not a default): 8gaussians, seeds 0 / 1,
+      # energy distance at NFE 1, 2, 4:
       # logit-normal .00265/.00144, .00306/.00090, .00136/-.00006; uniform
       # .00249/.00136, .00100/.00048, -.00017/-.00069 (sliced W2 at NFE 4
       # .091/.060 vs .067/.041). The truncated logit-normal s rarely puts t
       # near 1, where every sampler starts.
-      time_dist='uniform',
+      time_dist='logit_normal',
       s_p_mean=-0.4,
       s_p_std=1.0,
       # Gap Δ = t - s: 'logit_normal' sigmoid(N(gap_p_mean, gap_p_std))
