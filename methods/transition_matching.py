@@ -56,6 +56,8 @@ guided, u = u_∅ + w (u_y - u_∅) (paper §2.5: CFG on the head velocity).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,9 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
       # 1-128 steps, Tabs. 10-11, so one model must serve every T); > 0:
       # the paper's discrete grid τ = k/train_T (Alg. 3; T2I: 32).
       train_T=0,
-      # Representation channels of the backbone output (per pixel for
-      # images, per sample for vectors); X_τ is zero-padded to this width.
-      # [I] toy: 32 (16x the data dim; the MLP's hidden width is 128).
+      # What the head reads. 'hidden' (paper §2.5: the head replaces the
+      # backbone's final layer): the last hidden activation, per token
+      # (MLP: last hidden layer, width 128 on toy; U-Net: the last decoder
+      # map, head_patch² pixels of it; DiT: its final tokens). 'output'
+      # (this file before 2026-xx): a backbone with rep_dim output channels.
+      head_input='hidden',
+      # head_input='output' only: representation channels of the backbone
+      # output (per pixel / per sample); X_τ is zero-padded to this width.
+      # [I] toy: 32 (16x the data dim).
       rep_dim=32,
       # Head token = head_patch x head_patch x C pixels (paper: 2x2x4 of a
       # 32x32x4 latent, §2.3); vectors are always one token (the sample).
@@ -98,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
       # quality saturates at 4 for T=16, Tab. 10; 1 head step = FM-Euler).
       # [I] toy: 8 (w32, T=1/2: 4 steps 0.028 / 0.0037, 8 steps 0.017 /
       # 0.0020, 16 steps 0.014 / 0.0015).
-      head_steps=8,
+      head_steps=4,
+      head_sampler='midpoint',
       # (s, Y_0) draws per token per backbone pass (paper: 1; MAR uses 4).
       head_batch_mul=1,
       # Label dropout to the null class (spec §2.8: 0.1-0.15; paper 0.15).
@@ -113,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
 # a 2 x 48 head, c_head/c_backbone ≈ 0.11, so 8 head steps make the
 # effective NFE ≈ 1.9 T.
 IMAGE_PRESET = dict(rep_dim=8, head_patch=2, head_width=48, head_depth=2,
-                    head_steps=8)
+                    head_steps=4)
 
 
 # ------------------------------------------------------------------- head
@@ -180,6 +189,46 @@ class HeadFn(models.Functional):
     return self.bind(params).velocity(ctx, y, s)
 
 
+# ------------------------------------------------------ the head's solver
+# Head evaluations per step of each `head_sampler`.
+HEAD_SAMPLERS = {'euler': 1, 'midpoint': 2, 'heun': 2}
+# What the head reads from the backbone (`head_input`).
+HEAD_INPUTS = ('hidden', 'output')
+
+
+def integrate_head(velocity: Callable[[jax.Array, jax.Array], jax.Array],
+                   y: jax.Array, steps: int, sampler: str) -> jax.Array:
+  """Y_0 -> Y_1 along the head's flow dY/ds = u(Y, s), `steps` steps of 1/N.
+
+  Args:
+    velocity: u(y, s), y [B, n, d], s [1, 1] (one time for every token, so
+      the s-embedding runs once per evaluation) -> [B, n, d].
+    y: Y_0 ~ N(0, I), [B, n, d].
+    steps: N uniform steps on s ∈ [0, 1].
+    sampler: 'euler' (paper, N evaluations), 'midpoint' (explicit midpoint,
+      2N evaluations, u at s_j and s_j + 1/2N) or 'heun' (trapezoidal
+      predictor-corrector, 2N evaluations, u at s_j and s_{j+1}).
+
+  Returns:
+    Y_1, [B, n, d].
+  """
+  if sampler not in HEAD_SAMPLERS:
+    raise ValueError(f'Unknown head_sampler={sampler!r}; valid: '
+                     f'{tuple(HEAD_SAMPLERS)}.')
+  dt = 1.0 / steps
+
+  def step(y, j):
+    s = jnp.reshape(j.astype(jnp.float32) * dt, (1, 1))
+    u = velocity(y, s)
+    if sampler == 'midpoint':
+      u = velocity(y + 0.5 * dt * u, s + 0.5 * dt)
+    elif sampler == 'heun':
+      u = 0.5 * (u + velocity(y + dt * u, s + dt))
+    return y + dt * u, None
+
+  return jax.lax.scan(step, y, jnp.arange(steps))[0]
+
+
 # ------------------------------------------------------------- the method
 def divisors(n: int) -> tuple[int, ...]:
   """Positive divisors of n: the T a discrete-τ model samples exactly."""
@@ -208,15 +257,31 @@ class Method(base.Method):
       raise cc.ConfigError('method.head_freq_dim', f, 'must be even '
                            '(sinusoidal features come in sin / cos pairs)',
                            f'--config.method.head_freq_dim={f + 1}')
-    cc.require_int(c, p, 'head_steps', example=8)
+    cc.require_int(c, p, 'head_steps', example=4)
+    cc.require_choice(c, p, 'head_sampler', tuple(HEAD_SAMPLERS))
+    head_input = cc.require_choice(c, p, 'head_input', HEAD_INPUTS)
     cc.require_int(c, p, 'head_batch_mul')
     cc.require_prob(c, p, 'class_dropout')
+    image = not str(config.data.name).startswith('toy2d:')
+    if head_input == 'hidden' and image and config.model.name == 'mlp':
+      raise cc.ConfigError(
+          'method.head_input', head_input, "'output' with the mlp backbone "
+          'on images (its hidden features are one vector, not per token)',
+          '--config.method.head_input=output')
+    if head_input == 'hidden' and image and config.model.name == 'dit':
+      dit_p = config.model.get('patch_size',
+                               models.options('dit')['patch_size'])
+      if patch % dit_p:
+        raise cc.ConfigError(
+            'method.head_patch', patch, f'must be a multiple of the DiT '
+            f'patch_size ({dit_p}): the head reads whole DiT tokens',
+            f'--config.method.head_patch={dit_p}')
     if str(config.data.name).startswith('toy2d:'):  # vectors of 2 channels
       if patch != 1:
         raise cc.ConfigError('method.head_patch', patch, 'must be 1 for '
                              'vector data (one token = the whole sample)',
                              '--config.method.head_patch=1')
-      if rep < 2:
+      if head_input == 'output' and rep < 2:
         raise cc.ConfigError('method.rep_dim', rep, 'must be >= the data '
                              'channels (2): X_τ is zero-padded to it',
                              '--config.method.rep_dim=32')
@@ -232,7 +297,7 @@ class Method(base.Method):
       raise ValueError(f'transition_matching handles vectors [D] or images '
                        f'[H, W, C]; got data shape {shape}.')
     self.chan = shape[-1]
-    if c.rep_dim < self.chan:
+    if c.head_input == 'output' and c.rep_dim < self.chan:
       raise ValueError(f'method.rep_dim={c.rep_dim} must be >= the data '
                        f'channels ({self.chan}): X_τ is zero-padded to it.')
     p = c.head_patch
@@ -247,21 +312,54 @@ class Method(base.Method):
                        'head_batch_mul >= 1.')
     if c.train_T:
       self.supported_nfe = divisors(c.train_T)
-    # The backbone emits rep_dim channels instead of the data's.
-    rep_spec = dataclasses.replace(spec, shape=(*shape[:-1], c.rep_dim))
-    self.net = models.build(config.model, rep_spec)
+    if c.head_sampler not in HEAD_SAMPLERS:
+      raise ValueError(f'method.head_sampler={c.head_sampler!r}; valid: '
+                       f'{tuple(HEAD_SAMPLERS)}.')
+    if c.head_input not in HEAD_INPUTS:
+      raise ValueError(f'method.head_input={c.head_input!r}; valid: '
+                       f'{HEAD_INPUTS}.')
+    if c.head_input == 'output':  # the backbone emits rep_dim channels
+      rep_spec = dataclasses.replace(spec, shape=(*shape[:-1], c.rep_dim))
+      self.net = models.build(config.model, rep_spec)
+    # else: the base class's data-shaped backbone; its output layer is unused.
+    self.feature_stride = 1  # pixels per feature cell (DiT: patch_size)
+    if c.head_input == 'hidden' and len(shape) == 3:
+      fshape = jax.eval_shape(self._features, self.net.abstract(),
+                              jnp.zeros((1, *shape)), jnp.zeros((1,)),
+                              None).shape
+      if len(fshape) != 4:
+        raise ValueError(
+            "method.head_input='hidden' needs a backbone whose features keep "
+            f'the image grid (unet, dit); config.model.name='
+            f'{config.model.name!r} gives {fshape[1:]}. Use '
+            '--config.method.head_input=output.')
+      stride = shape[0] // fshape[1]
+      self.feature_stride = stride
+      if (fshape[1:3] != (shape[0] / stride, shape[1] / stride)
+          or p % stride):
+        raise ValueError(
+            f'method.head_patch={p} must be a multiple of the backbone\'s '
+            f'feature stride: features {fshape[1:]} of images {shape} '
+            f'(DiT: config.model.patch_size).')
     area = 1 if len(shape) == 1 else p * p
+    rep = jax.eval_shape(
+        lambda b, x: self.representation({'backbone': b}, x,
+                                         jnp.zeros((1,)), None),
+        self.net.abstract(), jnp.zeros((1, *shape)))
     self.head = HeadFn(lambda rngs: Head(
-        area * self.chan, area * c.rep_dim, width=c.head_width,
+        area * self.chan, rep.shape[-1], width=c.head_width,
         depth=c.head_depth, freq_dim=c.head_freq_dim, rngs=rngs))
 
   # --------------------------------------------------------------- tokens
-  def to_tokens(self, a: jax.Array) -> jax.Array:
-    """[B, D] -> [B, 1, D]; [B, H, W, C] -> [B, (H/p)(W/p), p·p·C]."""
+  def to_tokens(self, a: jax.Array, patch: int | None = None) -> jax.Array:
+    """[B, D] -> [B, 1, D]; [B, H, W, C] -> [B, (H/p)(W/p), p·p·C].
+
+    p = `patch`, default `head_patch` (feature maps pass their own).
+    """
     if a.ndim == 2:
       return a[:, None]
     b, hh, ww, ch = a.shape
-    p = self.mcfg.head_patch
+    p = self.mcfg.head_patch if patch is None else patch
     a = a.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
     return a.reshape(b, (hh // p) * (ww // p), p * p * ch)
 
@@ -287,21 +385,44 @@ class Method(base.Method):
         extras=self.init_extras(key, params))
 
   def apply(self, params, x, t, h=None, y=None, g=None):
-    """One backbone forward: X [B, *shape] -> representation [B, ..., rep].
+    """One backbone forward (its output layer): X [B, *shape] -> [B, ...].
 
-    `params` is the full {'backbone', 'head'} dict. Its rep_dim channels
-    make it costlier than the protocol's reference forward (the evaluator's
-    effective-NFE unit, `runner.reference_forward`), and that is counted.
+    `params` is the full {'backbone', 'head'} dict. With head_input='output'
+    X is zero-padded to rep_dim channels and the output is the
+    representation; its rep_dim channels make it costlier than the
+    protocol's reference forward (the evaluator's effective-NFE unit,
+    `runner.reference_forward`), and that is counted.
     """
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, self.mcfg.rep_dim - self.chan)]
-    return super().apply(params['backbone'], jnp.pad(x, pad), t, h, y, g)
+    if self.mcfg.head_input == 'output':
+      pad = [(0, 0)] * (x.ndim - 1) + [(0, self.mcfg.rep_dim - self.chan)]
+      x = jnp.pad(x, pad)
+    return super().apply(params['backbone'], x, t, h, y, g)
+
+  def _features(self, backbone, x: jax.Array, t: jax.Array,
+                labels: jax.Array | None) -> jax.Array:
+    """The backbone's last hidden activation (`features`), t [B], h = 0."""
+    return self.net.bind(backbone).features(x, t, jnp.zeros_like(t), labels)
+
+  def representation(self, params, xt: jax.Array, t: jax.Array,
+                     labels: jax.Array | None) -> jax.Array:
+    """One backbone pass: X_τ, t [B] -> the head's input per token [B, n, r].
+
+    head_input='hidden' (paper §2.5: the head replaces the final layer): the
+    backbone's last hidden activation, grouped per head token (MLP: its last
+    hidden layer; U-Net: the last decoder map, head_patch² pixels of it; DiT:
+    its final tokens). 'output': the rep_dim-channel output, patchified.
+    """
+    if self.mcfg.head_input == 'output':
+      return self.to_tokens(self.apply(params, xt, t, 0.0, labels))
+    feats = self._features(params['backbone'], xt, t, labels)
+    return self.to_tokens(feats, self.mcfg.head_patch // self.feature_stride)
 
   def kernel_context(self, params, xt: jax.Array, tau: jax.Array,
                      labels: jax.Array | None) -> Any:
     """Backbone once + the head's per-transition condition, [B, n, w]."""
     t = jnp.broadcast_to(1.0 - jnp.asarray(tau, jnp.float32), xt.shape[:1])
-    rep = self.apply(params, xt, t, 0.0, labels)
-    return self.head.context(params['head'], self.to_tokens(rep), t)
+    rep = self.representation(params, xt, t, labels)
+    return self.head.context(params['head'], rep, t)
 
   def supervising_pair(self, x1: jax.Array, x0: jax.Array, tau: jax.Array
                        ) -> tuple[jax.Array, jax.Array]:
@@ -363,12 +484,8 @@ class Method(base.Method):
       ctx = self.kernel_context(params, xin, tau, labels)
       y = jax.random.normal(jax.random.fold_in(kh, k),
                             self.to_tokens(x).shape)
-
-      def head_step(y, j):  # s shared by all tokens: embedded once, [1, 1]
-        s = jnp.reshape(j.astype(jnp.float32) / big_n, (1, 1))
-        return y + velocity(ctx, y, s) / big_n, None
-
-      y = jax.lax.scan(head_step, y, jnp.arange(big_n))[0]
+      y = integrate_head(functools.partial(velocity, ctx), y, big_n,
+                         self.mcfg.head_sampler)
       return x + self.from_tokens(y) / big_t, None
 
     return jax.lax.scan(transition, x, jnp.arange(big_t))[0]

@@ -90,6 +90,8 @@ class DiTBlock(nnx.Module):
 class DiT(nnx.Module):
   """DiT on NHWC images: [B, H, W, C] -> [B, H, W, C] float32.
 
+  `features` returns the final tokens (before the final layer) as a grid.
+
   Args:
     shape: (H, W, C) of one image (from the data spec).
     num_classes: 0 = unconditional (no label table); else a table with a
@@ -178,11 +180,10 @@ class DiT(nnx.Module):
     self.s_embed = (StyleEmbed(style_tokens, style_vocab, dim, rngs=rngs)
                     if style_tokens else None)
 
-  def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
-               y: jax.Array | None = None,
-               g: jax.Array | None = None,
-               s: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
+  def _trunk(self, x: jax.Array, t: jax.Array, h: jax.Array,
+             y: jax.Array | None, g: jax.Array | None,
+             s: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Patch embedding + blocks: (tokens [B, N, D], conditioning [B, D])."""
     hh, ww, ch = self.shape
     if x.shape[1:] != self.shape:
       raise ValueError(f'dit was built for images {self.shape}, got input '
@@ -198,6 +199,32 @@ class DiT(nnx.Module):
     z = self.patch(tokens).astype(f32) + pos[None]
     for blk in self.blocks:
       z = blk(z, c)
+    return z, c
+
+  def features(self, x: jax.Array, t: jax.Array, h: jax.Array,
+               y: jax.Array | None = None,
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """The final tokens before the final layer, as their grid.
+
+    The last block's output (the float32 residual stream, before the final
+    adaLN + norm + linear) laid out [B, H/p, W/p, hidden] (token (i, j) is
+    patch row i, column j). Same inputs as `__call__`.
+    """
+    z, _ = self._trunk(x, t, h, y, g, s)
+    hh, ww, _ = self.shape
+    return z.reshape(z.shape[0], hh // self.p, ww // self.p, self.dim)
+
+  def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
+               y: jax.Array | None = None,
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
+    hh, ww, ch = self.shape
+    b, p = x.shape[0], self.p
+    gh, gw = hh // p, ww // p
+    f32 = layers.wide(x.dtype)  # float32 (float64 for float64 inputs).
+    z, c = self._trunk(x, t, h, y, g, s)
     shift, scale = self.final_adaln(c)
     z = layers.affine_free_norm(self.norm_kind)(z)
     z = self.out(layers.modulate(z, shift, scale))

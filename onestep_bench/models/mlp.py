@@ -23,6 +23,7 @@ class MLP(nnx.Module):
   `guidance_embed=True` a third `TimeEmbed` of the guidance input g is added
   to c (built last, so the other parameters are unchanged by the option);
   `style_tokens=K` adds a `StyleEmbed` of the style input s [B, K] likewise.
+  `features` returns the last hidden activation (before `out`) instead.
   """
 
   def __init__(self, dim: int, *, width: int = 256, depth: int = 3,
@@ -43,13 +44,24 @@ class MLP(nnx.Module):
     self.s_embed = (StyleEmbed(style_tokens, style_vocab, width, rngs=rngs)
                     if style_tokens else None)
 
+  def features(self, x: jax.Array, t: jax.Array, h: jax.Array,
+               y: jax.Array | None = None,
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """The last hidden activation, the input of `out`: [B, width].
+
+    Same inputs as `__call__`, which is `out(features(...))` reshaped.
+    """
+    c = embed_conditions(self, t, h, y, g, x.shape[0], s)
+    z = self.inp(x.reshape(x.shape[0], -1))
+    for blk in self.blocks:
+      z = z + blk(nnx.silu(z + c))
+    return nnx.silu(z)
+
   def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
                y: jax.Array | None = None,
                g: jax.Array | None = None,
                s: jax.Array | None = None) -> jax.Array:
     """model(x, t, h, y, g, s): x [B, ...] -> x's shape, float32."""
-    c = embed_conditions(self, t, h, y, g, x.shape[0], s)
-    z = self.inp(x.reshape(x.shape[0], -1))
-    for blk in self.blocks:
-      z = z + blk(nnx.silu(z + c))
-    return self.out(nnx.silu(z)).reshape(x.shape).astype(jnp.float32)
+    z = self.features(x, t, h, y, g, s)
+    return self.out(z).reshape(x.shape).astype(jnp.float32)

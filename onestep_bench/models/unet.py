@@ -111,6 +111,8 @@ class Resample(nnx.Module):
 class UNet(nnx.Module):
   """ADM U-Net: [B, H, W, C] -> [B, H, W, C] float32.
 
+  `features` returns the last decoder feature map (before the output conv).
+
   Args:
     shape: (H, W, C) of one image (from the data spec).
     num_classes: 0 = unconditional (no label table); else a table with a
@@ -203,11 +205,16 @@ class UNet(nnx.Module):
     self.s_embed = (StyleEmbed(style_tokens, style_vocab, emb_dim, rngs=rngs)
                     if style_tokens else None)
 
-  def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
+  def features(self, x: jax.Array, t: jax.Array, h: jax.Array,
                y: jax.Array | None = None,
                g: jax.Array | None = None,
                s: jax.Array | None = None) -> jax.Array:
-    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
+    """The last decoder feature map, the input of the output conv.
+
+    SiLU(GroupNorm(z)) of the last up-path block: [B, H, W, ch] with ch =
+    channels · channel_mult[0], float32. Same inputs as `__call__`, which is
+    `out(features(...))`.
+    """
     if x.shape[1:] != self.shape:
       raise ValueError(f'unet was built for images {self.shape}, got input '
                        f'{x.shape[1:]}.')
@@ -224,4 +231,12 @@ class UNet(nnx.Module):
         z = m(jnp.concatenate([z, skips.pop()], axis=-1), emb)
       else:
         z = m(z)
-    return self.out(nnx.silu(self.out_norm(z))).astype(f32)
+    return nnx.silu(self.out_norm(z))
+
+  def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array,
+               y: jax.Array | None = None,
+               g: jax.Array | None = None,
+               s: jax.Array | None = None) -> jax.Array:
+    """model(x, t, h, y, g, s): [B, H, W, C] -> [B, H, W, C] float32."""
+    z = self.features(x, t, h, y, g, s)
+    return self.out(z).astype(layers.wide(x.dtype))
