@@ -32,6 +32,7 @@ Blocks, as diffusers (torch padding 1 == SAME for the 3×3 stride-1 convs):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -391,8 +392,9 @@ class AutoencoderKL(nnx.Module):
     return self.decode(self.encode(x)[0])
 
 
+@functools.lru_cache(maxsize=16)
 def build(config: VAEConfig, precision: str = 'highest') -> Functional:
-  """The VAE as a `models.Functional` (`init`, `abstract`, `bind`)."""
+  """The VAE as a `models.Functional` (`init`, `abstract`, `bind`; cached)."""
   _precision(precision)
   return Functional(lambda rngs: AutoencoderKL(config, precision=precision,
                                                rngs=rngs))

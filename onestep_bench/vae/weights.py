@@ -19,13 +19,13 @@ the one command that makes it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from onestep_bench.vae.autoencoder_kl import PRESETS, VAEConfig, build
@@ -122,10 +122,15 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: VAEConfig) -> tuple[tuple[str, tuple[int, ...]]]:
+  return tuple((k, tuple(v.shape))
+               for k, v in flatten(build(config).abstract()).items())
+
+
 def param_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
   """Flat key -> shape of every param of `config` (nothing allocated)."""
-  return {k: tuple(v.shape)
-          for k, v in flatten(build(config).abstract()).items()}
+  return dict(_param_shapes(config))
 
 
 def check_params(flat: Mapping[str, Any], config: VAEConfig) -> None:
@@ -206,9 +211,23 @@ def load(path: str, config: VAEConfig | None = None
 
 
 def random_params(config: VAEConfig, seed: int = 0) -> dict[str, Any]:
-  """Random params of `config` (nnx default init, numpy arrays; tests)."""
-  params = build(config).init(jax.random.key(seed))
-  return jax.tree.map(np.asarray, params)
+  """Random nested float32 numpy params of `config` (tests).
+
+  Kernels ~ N(0, 1 / fan_in), GroupNorm scales ~ 1 + N(0, 0.1²), biases ~
+  N(0, 0.1²): drawn on the host in sorted key order, so the same seed gives
+  the same params everywhere.
+  """
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for key, shape in sorted(param_shapes(config).items()):
+    if key.endswith('.kernel'):
+      v = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif key.endswith('.scale'):
+      v = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:
+      v = 0.1 * rng.standard_normal(shape)
+    flat[key] = v.astype(np.float32)
+  return unflatten(flat)
 
 
 def preset(name: str) -> VAEConfig:
