@@ -2,7 +2,8 @@
 
 Geng, Lu, Wu, Shechtman, Kolter, He 2025, "Improved Mean Flows: On the
 Challenges of Fastforward Generative Models", arXiv 2512.02012 (Sec. 4.1 the
-v-loss, Sec. 4.2 guidance as conditioning). Spec: docs/methods/imeanflow.md,
+v-loss, Sec. 4.2 guidance as conditioning; section numbers recalled, the
+paper body was not readable). Spec: docs/methods/imeanflow.md,
 written from the official JAX code (Lyy-iiis/imeanflow: `imf.py` class
 `iMeanFlow`, `models/imfDiT.py`, `configs/default.py`), which this file
 follows (the `[imf.py ...]` tags). Conventions as methods/meanflow.py: t = 0
