@@ -60,6 +60,7 @@ def _digits(n, size):
 # ---------------------------------------------------------------- no torch
 
 
+@pytest.mark.slow  # ~1 s CPU to build the full abstract model
 def test_sd_vae_param_count_and_latent_shape():
   shapes = weights.param_shapes(vae.SD_VAE_FT_EMA)
   # diffusers' AutoencoderKL in the sd-vae-ft-ema config: 248 tensors,
@@ -194,6 +195,8 @@ def _check_parity(config, images, tmp_path, tol=1e-4):
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   m = _torch_vae(config)
+  assert sum(int(np.prod(s)) for s in weights.param_shapes(config).values()
+             ) == sum(p.numel() for p in m.parameters())
   src, out = str(tmp_path / 'vae.safetensors'), str(tmp_path / 'vae.npz')
   save_file(m.state_dict(), src)
   cfg_json = str(tmp_path / 'config.json')
@@ -265,6 +268,8 @@ def test_digits_roundtrip_sd_vae_256(tmp_path):
   v = vae.load_vae(path)
   mean, _ = jax.jit(v.encode)(v.params, _digits(2, 256))
   assert mean.shape == (2, 32, 32, 4)
-  out = vae.load_decoder(path, batch_size=2)(mean)
+  one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
+                          ('data', 'fsdp'))  # no padding to 8 devices
+  out = vae.load_decoder(path, batch_size=2, mesh=one)(mean)
   assert out.shape == (2, 256, 256, 3) and out.dtype == np.uint8
   assert os.path.getsize(path) > 4 * 83_000_000

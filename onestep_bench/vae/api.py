@@ -211,7 +211,12 @@ class LatentDecoder(Batched):
 def load_decoder(path: str | None = None,
                  config: VAEConfig | str | None = None, *,
                  output: str = 'uint8', batch_size: int = 64,
-                 precision: str = 'highest') -> LatentDecoder:
-  """The decode hook: `load_vae(path, config)` as a `LatentDecoder`."""
+                 precision: str = 'highest',
+                 mesh: Mesh | None = None) -> LatentDecoder:
+  """The decode hook: `load_vae(path, config)` as a `LatentDecoder`.
+
+  `mesh`: the ('data', 'fsdp') mesh batches are split over (default: this
+  process's devices, `local_mesh()`).
+  """
   return LatentDecoder(load_vae(path, config, precision=precision), output,
-                       batch_size)
+                       batch_size, mesh)

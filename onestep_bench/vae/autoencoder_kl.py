@@ -134,6 +134,11 @@ class VAEConfig:
         if v not in allowed:
           raise ConfigError(f'vae.{key}', d[key], f'must be {allowed[0]!r}',
                             'only the SD-VAE AutoencoderKL is ported')
+    for key in ('latents_mean', 'latents_std'):
+      if d.get(key) is not None:
+        raise ConfigError(f'vae.{key}', d[key], 'must be None (per-channel '
+                          'latent statistics are not ported)',
+                          'only the SD-VAE AutoencoderKL is ported')
     fields = {f.name for f in dataclasses.fields(cls)} - {'name'}
     return cls.from_dict({'name': name,
                           **{k: d[k] for k in fields if k in d}})
