@@ -19,7 +19,7 @@ WORKDIR ?=
 GUIDANCE ?=
 NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
 
-.PHONY: help install install-parity data bench eval bench-all sweep leaderboard perf test test-slow lint clean
+.PHONY: help install install-parity data bench eval bench-all sweep leaderboard perf plan test test-slow lint clean
 
 help:  ## Show this help.
 	@echo "onestep_bench: one-step generative models, benchmarked side by side."
@@ -109,6 +109,14 @@ leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, p
 # is the evaluator's baseline. Subsets: ARGS="--sections=methods --backbones=unet".
 perf: install-parity data  ## Benchmark -> results/perf.csv + results/perf.md.
 	OPENBLAS_NUM_THREADS=1 $(PY) -m experiments.perf $(ARGS)
+
+# Paper-scale protocols compiled ahead of time on a simulated 8-device CPU
+# mesh (no data, nothing trained) -> results/plan.csv + results/plan.md.
+# CPU-heavy (tens of minutes for all); a subset:
+# ARGS="--protocols=meanflow/imagenet256_latent@B/2,equal_budget:tvm --nofit".
+plan: install  ## Compile every paper protocol, project FLOPs / memory / chip-hours.
+	OPENBLAS_NUM_THREADS=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  JAX_PLATFORMS=cpu $(PY) -m onestep_bench.plan --out=results/plan $(ARGS)
 
 test: install-parity  ## Fast tests incl. pytorch-fid parity (CI runs this).
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -190,7 +190,7 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   c.curve.update(fractions=())  # FID-50K curve points cost a run each
   _apply(c, values)
   if getattr(method_module(method), 'TEACHER_METHOD', None) and (
-      c.method.get('variant', 'scd') == 'scd'):
+      'teacher_workdir' in c.method):
     teacher_kind = 'equal_budget' if kind == 'equal_budget' else 'paper'
     c.method.teacher_workdir = runs.default_workdir(
         'flow_matching', c.data.name, c.seed, teacher_kind)

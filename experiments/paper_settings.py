@@ -553,7 +553,6 @@ _SCM_CIFAR = {
     'train.warmup_steps': C(0, f'{_SCM} net_scheduler.warm_up_steps [0]'),
     'train.schedule': C('constant', f'{_SCM} no decay'),
     'train.ema_decay': C(0.9999, f'{_FD}/config_sct_cifar10.py ema_9999'),
-    'method.variant': C('sct', f'{_FD}/config_sct_cifar10.py (sCT)'),
     'method.p_mean': C(-1.0, f'{_SCM} train_p_mean'),
     'method.p_std': C(1.4, f'{_SCM} train_p_std'),
     'meta.dropout': C(0.2, f'{_SCM} net.dropout 0.2'),
@@ -574,7 +573,6 @@ _SCM_IN64 = {
                         'decay_steps=35000 (not in the harness: constant)'),
     'train.grad_clip': C(10.0, f'{_FD}/config_scd_in64.py grad_norm = 10'),
     'train.ema_decay': C(0.9999, f'{_FD}/config_scd_in64.py ema_9999'),
-    'method.variant': C('scd', f'{_FD}/config_scd_in64.py use_cd=True'),
     'method.p_mean': C(-1.0, f'{_FD}/config_scd_in64.py train_p_mean'),
     'method.p_std': C(1.6, f'{_FD}/config_scd_in64.py train_p_std'),
     'meta.paper_nfe': C(1, f'{_SCM} student_sample_steps default 1'),
@@ -736,19 +734,40 @@ def _table() -> dict[tuple[str, str], Protocol]:
   for ds in ('cifar10', 'imagenet64'):
     add(_pixel_dit(imf, ds))
 
+  # sCM: 'scm' is sCT (from scratch), 'scd' sCD (distils flow_matching).
   add(Protocol('scm', 'cifar10', 'published', _SCM_CIFAR,
                notes=('FastGen sCT uses RAdam; the harness runs AdamW',)))
-  scm64 = Protocol('scm', 'imagenet64', 'published', _SCM_IN64,
-                   notes=('sCD: teacher = flow_matching/imagenet64',))
-  add(scm64)
-  add(dataclasses.replace(
-      _on_anchor('scm', {k: v for k, v in _FM_IN256.items()
-                         if not k.startswith(('train.', 'method.'))},
-                 {k: v for k, v in _SCM_IN64.items()
-                  if k.startswith(('train.', 'method.'))},
-                 'imagenet256_latent', 'scm/imagenet64 (sCD) on the '
-                 'flow_matching/imagenet256_latent teacher backbone'),
-      sizes=_FM_SIZES, default_size='XL/2'))
+  scd_cifar = {**{k: v for k, v in _SCM_CIFAR.items()
+                  if k != 'method.variant'},
+               'train.num_steps': C(500_000, f'{_FD}/config_scd_cifar10.py '
+                                    'max_iter'),
+               'meta.dropout': C(0.0, f'{_FD}/config_scd_cifar10.py '
+                                 'net.dropout = 0.0')}
+  add(Protocol('scd', 'cifar10', 'published', scd_cifar,
+               notes=('teacher: flow_matching/cifar10 (FastGen: EDM '
+                      'uncond-vp)', 'FastGen uses RAdam; the harness runs '
+                      'AdamW')))
+  scd64 = Protocol('scd', 'imagenet64', 'published',
+                   {k: v for k, v in _SCM_IN64.items()
+                    if k != 'method.variant'},
+                   notes=('teacher: flow_matching/imagenet64',))
+  add(scd64)
+  add(_derive(scd64, 'imagenet64', 'derived from scd/imagenet64: the sCT '
+              'variant of the same recipe (FastGen has no sCT IN-64 config)',
+              {}))
+  p[('scm', 'imagenet64')] = dataclasses.replace(
+      p.pop(('scd', 'imagenet64')), method='scm')
+  add(scd64)
+  for m in ('scm', 'scd'):
+    add(dataclasses.replace(
+        _on_anchor(m, {k: v for k, v in _FM_IN256.items()
+                       if not k.startswith(('train.', 'method.'))},
+                   {k: v for k, v in _SCM_IN64.items()
+                    if k.startswith('train.') or k in ('method.p_mean',
+                                                       'method.p_std')},
+                   'imagenet256_latent', 'scd/imagenet64 on the '
+                   'flow_matching/imagenet256_latent teacher backbone'),
+        sizes=_FM_SIZES, default_size='XL/2'))
   return p
 
 
