@@ -372,9 +372,9 @@ def plan_entry(entry: Entry, mfu: float, fit: bool,
     row[f'sample_peak_gib_nfe{n}'] = round(s['peak_bytes'] / GIB, 2)
   for name, chip in CHIPS.items():
     rate = chip.peak * mfu
-    row[f'train_hours[{name}]'] = round(total / rate / 3600, 1)
+    row[f'train_chip_hours[{name}]'] = round(total / rate / 3600, 1)
     if 1 in samp:
-      row[f'fid50k_hours_nfe1[{name}]'] = round(
+      row[f'fid50k_chip_hours_nfe1[{name}]'] = round(
           FID_SAMPLES * samp[1]['flops_per_image'] / rate / 3600, 3)
   if proto.compute is not None and entry.kind == 'paper':
     c = proto.compute
@@ -423,9 +423,10 @@ def write(rows: list[dict[str, Any]], stem: str, mfu: float) -> None:
           'sample_gflop_per_image_nfe1', 'sample_gflop_per_image_nfe4']
   lines += ['', '## Compute and memory', '', _md_table(rows, main)]
   hours = ['protocol'] + [k for k in cols if k.startswith(
-      ('train_hours', 'fid50k_hours'))]
-  lines += ['', '## Projected accelerator-hours (whole budget, FID-50K at '
-            '1 NFE)', '', _md_table(rows, hours)]
+      ('train_chip_hours', 'fid50k_chip_hours'))]
+  lines += ['', '## Projected chip-hours (whole budget; FID-50K at 1 NFE)',
+            '', 'Wall time on 8 chips = chip-hours / 8 (data-parallel, '
+            'same MFU).', '', _md_table(rows, hours)]
   stated = [r for r in rows if r.get('stated_compute')]
   if stated:
     lines += ['', '## Against the compute the sources state', '',
