@@ -96,6 +96,8 @@ _FIT = flags.DEFINE_bool('fit', True, 'Search FSDP / batch splits that fit '
                          'each chip (recompiles).')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes (tests).')
 _OUT = flags.DEFINE_string('out', 'results/plan', 'Output path stem.')
+_COMPILE = flags.DEFINE_bool('compile', True, 'Compile (memory); --nocompile'
+                             ' counts params and FLOPs only (fast).')
 
 
 # ================================================================== data
@@ -183,7 +185,8 @@ def peak_bytes(compiled: Any) -> float:
 
 
 def compile_train(config: ml_collections.ConfigDict, dataset: str,
-                  flops: bool = True) -> dict[str, Any]:
+                  flops: bool = True, compile_: bool = True
+                  ) -> dict[str, Any]:
   """Params, FLOPs / step and compiled peak memory of the real train step."""
   ab = build_abstract(config, dataset)
   batch = config.train.batch_size
@@ -200,8 +203,9 @@ def compile_train(config: ml_collections.ConfigDict, dataset: str,
   chunk = train.make_train_chunk(ab.method, ab.dataset, ab.mesh, batch,
                                  ab.shardings)
   cycle = ab.method.step_cycle
-  t0, peak = time.perf_counter(), 0.0
-  for phase in (range(min(cycle, 2)) if cycle > 1 else [None]):
+  t0, peak = time.perf_counter(), float('nan') if not compile_ else 0.0
+  for phase in ((range(min(cycle, 2)) if cycle > 1 else [None])
+                if compile_ else []):
     compiled = chunk.lower(ab.state, key, {}, 1, phase).compile()
     peak = max(peak, peak_bytes(compiled))
   out.update(peak_bytes=peak, compile_s=time.perf_counter() - t0,
@@ -210,7 +214,8 @@ def compile_train(config: ml_collections.ConfigDict, dataset: str,
 
 
 def compile_sampler(ab: Abstract, nfe: int, chunk: int,
-                    guidance: float | None) -> dict[str, float]:
+                    guidance: float | None,
+                    compile_: bool = True) -> dict[str, float]:
   """FLOPs / image (jaxpr) and compiled peak memory of one sampling chunk."""
   k = ab.dataset.spec.num_classes
 
@@ -225,6 +230,9 @@ def compile_sampler(ab: Abstract, nfe: int, chunk: int,
   key = jax.random.key(0)
   flops, _ = count_flops(fn, params, key)
   t0 = time.perf_counter()
+  if not compile_:
+    return {'flops_per_image': flops / chunk, 'peak_bytes': float('nan'),
+            'compile_s': 0.0}
   out_sh = (sharding.batch_sharded(ab.mesh) if chunk % ab.mesh.size == 0
             else sharding.replicated(ab.mesh))
   compiled = jax.jit(fn, out_shardings=out_sh).lower(params, key).compile()
@@ -329,20 +337,21 @@ def fit_search(entry: Entry, config: ml_collections.ConfigDict, base: dict,
   return out
 
 
-def plan_entry(entry: Entry, mfu: float, fit: bool,
-               smoke: bool) -> dict[str, Any]:
+def plan_entry(entry: Entry, mfu: float, fit: bool, smoke: bool,
+               compile_: bool = True) -> dict[str, Any]:
   """Compile one protocol and project its cost."""
   from experiments import paper  # pylint: disable=g-import-not-at-top
   config = entry.config(smoke)
   proto, values = paper.resolve(entry.method, entry.dataset, entry.size,
                                 entry.kind)
   t0 = time.perf_counter()
-  tr = compile_train(config, entry.dataset)
+  tr = compile_train(config, entry.dataset, compile_=compile_)
   ab = tr.pop('abstract')
   guidance = values.get('evals.main.guidance')
   guidance = guidance.value if guidance else None
   chunk = 16 if smoke else 256
-  samp = {n: compile_sampler(ab, n, chunk, guidance) for n in (1, 4)
+  samp = {n: compile_sampler(ab, n, chunk, guidance, compile_)
+          for n in (1, 4)
           if n in ab.method.supported_nfe}
   steps = config.train.num_steps
   total = tr['step_flops'] * steps
@@ -386,7 +395,7 @@ def plan_entry(entry: Entry, mfu: float, fit: bool,
       row['implied_mfu'] = round(implied, 3)
       proj = total / (c.chips * peak * mfu) / 3600
       row['projected_vs_stated'] = round(proj / c.hours, 2)
-  if fit:
+  if fit and compile_:
     for name, verdict in fit_search(entry, config, tr, smoke).items():
       row[f'fit[{name}]'] = verdict
   row['compile_s'] = round(tr['compile_s'] + sum(
@@ -457,7 +466,8 @@ def main(argv: Sequence[str]) -> None:
   rows = []
   for entry in parse_entries(_PROTOCOLS.value):
     t0 = time.perf_counter()
-    rows.append(plan_entry(entry, _MFU.value, _FIT.value, _SMOKE.value))
+    rows.append(plan_entry(entry, _MFU.value, _FIT.value, _SMOKE.value,
+                           _COMPILE.value))
     print(f'{entry.name}: {time.perf_counter() - t0:.1f} s', flush=True)
   write(rows, _OUT.value, _MFU.value)
 
