@@ -26,6 +26,10 @@ VAL_NFE = (1, 4)           # validation objective: mean over these NFEs
 
 _LR = {'train.lr': (3e-4, 1e-3, 3e-3)}  # shared by every method
 
+_SCM = {**_LR, 'method.tangent_norm': ('l2', 'none'),
+        'method.adaptive_weighting': (True, False),
+        'method.tangent_warmup_frac': (0.0, 10_000 / 350_000, 0.1)}
+
 SPACES: dict[str, dict[str, tuple]] = {
     # Lipman et al. 2023 use uniform t; SD3 (Esser et al. 2024, Sec. 3.1)
     # shows logit-normal t helps, with location 0 (SD3) or -0.4 (EDM).
@@ -56,6 +60,17 @@ SPACES: dict[str, dict[str, tuple]] = {
                             'method.head_steps': (4, 8, 16),
                             'method.head_width': (32, 64),
                             'method.rep_dim': (16, 32)},
+    # iMF (Geng, Lu et al. 2025): the v-head ablation (auxiliary head vs
+    # the boundary u(z, t, t)); the r = t fraction and adaptive-weight power
+    # are MeanFlow's Tab. 1a / 1e axes on iMF's keys (official 0.5, 1.0).
+    'imeanflow': {**_LR, 'method.v_head': ('aux', 'boundary'),
+                  'method.data_proportion': (0.25, 0.5, 0.75),
+                  'method.norm_p': (0.0, 0.5, 1.0)},
+    # sCM (Lu & Song 2024) §4: tangent normalisation, adaptive weighting,
+    # tangent warm-up (official 10k of FastGen's 350k CIFAR-10 steps). The
+    # same space for both variants (sCT `scm`, sCD `scd`).
+    'scm': _SCM,
+    'scd': _SCM,
     # f-distill (Xu, Nie, Vahdat 2025): the f-divergence (Tab. 2), GAN
     # weight and critic / student update ratio (FastGen defaults 1e-3, 5).
     'f_distill': {**_LR,

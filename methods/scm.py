@@ -49,7 +49,6 @@ arctan(1/σ_d) = 1.107 at σ_d = 0.5).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import jax
@@ -66,9 +65,10 @@ from onestep_bench.models.embeddings import sinusoidal
 PyTree = Any
 FFn = Any  # (x_t [B, ...], t [B]) -> F [B, ...]
 
-# sCD's teacher method (experiments/bench.py fills method.teacher_workdir
-# with its bench run; sCT never reads it: see `needs_teacher`).
-TEACHER_METHOD = 'flow_matching'
+# sCD's teacher method. Only `methods/scd.py` (the sCD bench entry) exports
+# it as TEACHER_METHOD, so `make bench` / tuning train a teacher for sCD
+# and never for sCT.
+TEACHER = 'flow_matching'
 IMAGE_PRESET: dict[str, Any] = {}
 VARIANTS = ('sct', 'scd')
 
@@ -113,19 +113,6 @@ def get_config() -> ml_collections.ConfigDict:
       teacher_workdir='',
       allow_untrained_teacher=False,
   ))
-
-
-def needs_teacher(cli_args: str = '') -> bool:
-  """Whether a run with these CLI overrides is sCD (Makefile helper).
-
-  Args:
-    cli_args: the `ARGS` string, e.g. '--config.method.variant=scd'.
-
-  Returns:
-    True if the last `method.variant` override (or the default) is 'scd'.
-  """
-  found = re.findall(r'--config\.method\.variant[= ]["\']?(\w+)', cli_args)
-  return (found[-1] if found else get_config().variant) == 'scd'
 
 
 # ===================================================== TrigFlow maths
@@ -238,9 +225,9 @@ class TeacherError(ValueError):
 
 
 def _teacher_hint(config: ml_collections.ConfigDict) -> str:
-  run = runs.default_workdir(TEACHER_METHOD, config.data.name, config.seed)
+  run = runs.default_workdir(TEACHER, config.data.name, config.seed)
   return (f'--config.method.teacher_workdir={run} (train it first: make '
-          f'bench METHOD={TEACHER_METHOD} DATASET={config.data.name} '
+          f'bench METHOD={TEACHER} DATASET={config.data.name} '
           f'SEED={config.seed})')
 
 
@@ -288,7 +275,7 @@ class Method(base.Method):
     if variant == 'scd' and not c.teacher_workdir and not untrained:
       raise cc.ConfigError(
           'method.teacher_workdir', '', 'sCD needs a teacher (a '
-          f'{TEACHER_METHOD} run of this harness)', _teacher_hint(config))
+          f'{TEACHER} run of this harness)', _teacher_hint(config))
     cc.refuse_guidance(config, 'scm samples without CFG')
 
   def __init__(self, config: ml_collections.ConfigDict, spec: Any):
@@ -314,14 +301,14 @@ class Method(base.Method):
     if self.scd and c.teacher_workdir:
       try:
         self._teacher = runs.load_ema_params(
-            c.teacher_workdir, method=TEACHER_METHOD, config=config,
+            c.teacher_workdir, method=TEACHER, config=config,
             spec=spec, expect=jax.eval_shape(self.net.init,
                                              jax.random.key(0)))
       except (runs.RunError, runs.RunMismatchError) as e:
         raise TeacherError(f'config.method.teacher_workdir: {e}') from e
     elif self.scd and not c.allow_untrained_teacher:
       raise TeacherError('config.method.teacher_workdir is empty: sCD needs '
-                         f'a {TEACHER_METHOD} run, e.g. '
+                         f'a {TEACHER} run, e.g. '
                          + _teacher_hint(config))
 
   def upstream_compute(self) -> dict[str, float | None]:

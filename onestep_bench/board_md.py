@@ -18,6 +18,7 @@ from onestep_bench.leaderboard import (
   FEATURE_SPACE,
   FIXED_PROTOCOLS,
   HEADLINE_METRICS,
+  HEADLINE_PROTOCOLS,
   MD_MAX_METRICS,
   Tables,
   _num,
@@ -88,14 +89,16 @@ _MD_INTRO = [
     'against the best row of the same NFE (`≈`: p ≥ 0.05, a tie; `?`: fewer '
     'than 2 seeds, untested). Each table is one feature space '
     '(feature net + weights hash + reference statistics + evaluator '
-    'settings); only `bench` tables are the headline, rows from uncommitted '
-    'code (`bench+dirty`) and other protocols are listed apart and are not '
-    'comparable.', '']
+    'settings). Headline tables: `bench` (every method at its paper '
+    'defaults) and `tuned` (every method after the same declared tuning '
+    'procedure: K trials on a development set, scored on a validation '
+    'measure, results/tuning/); rows from uncommitted code (`+dirty`) and '
+    'other protocols are listed apart and are not comparable.', '']
 
 
 def _section_title(key: tuple[str, ...]) -> str:
   b, cond, g, ev, n, fnet, fw, ref, _ = key
-  title = b if b == 'bench' else f'{b} (not comparable)'
+  title = b if b in HEADLINE_PROTOCOLS else f'{b} (not comparable)'
   if cond == 'true':
     title += ', class-conditional' + (f', guidance {g}' if g else '')
   return (f'{title}, eval `{ev}` ({n} samples), features `{fnet}` '
@@ -164,15 +167,25 @@ def markdown(tables: Tables,
 def _equal_cost_views(wide: Sequence[Mapping[str, Any]],
                       metrics: Sequence[str],
                       curve_rows: Sequence[Mapping[str, str]]) -> list[str]:
-  """Bench rankings at equal sampling cost and at equal training compute."""
-  head = [r for r in wide if r['board'] == 'bench' and r['eval'] == 'main']
+  """Headline rankings at equal sampling cost and at equal training compute."""
+  out: list[str] = []
+  for proto in HEADLINE_PROTOCOLS:
+    out += _equal_cost_view(proto, wide, metrics, curve_rows)
+  return out
+
+
+def _equal_cost_view(proto: str, wide: Sequence[Mapping[str, Any]],
+                     metrics: Sequence[str],
+                     curve_rows: Sequence[Mapping[str, str]]) -> list[str]:
+  """`proto`'s rankings at equal sampling cost and equal training compute."""
+  head = [r for r in wide if r['board'] == proto and r['eval'] == 'main']
   spaces = {tuple(r[c] for c in (*FEATURE_SPACE, 'n_samples')) for r in head}
   prim = primary_metric(metrics)
   out: list[str] = []
   if prim and len(spaces) == 1 and head:
     low = arrow(prim) == '↓'
     views = rankings.equal_sampling_cost(head, prim, low, EFFECTIVE_NFE)
-    out += ['### bench at equal sampling cost', '',
+    out += [f'### {proto} at equal sampling cost', '',
             f'Best `{prim}` of each method over its NFEs whose effective NFE '
             '(reference-backbone forwards) is within the budget.', '',
             '| eff. NFE ≤ | ranking |', '|---|---|']
@@ -180,14 +193,14 @@ def _equal_cost_views(wide: Sequence[Mapping[str, Any]],
       out.append(f'| {b:g} | ' + ', '.join(
           f'{m} {v:.4g} ({k})' for m, v, k in ranked) + ' |')
     out.append('')
-  bench_curve = [r for r in curve_rows if board(r) == 'bench']
-  for nfe in sorted({r['nfe'] for r in bench_curve}, key=int):
-    rs = [r for r in bench_curve if r['nfe'] == nfe]
+  proto_curve = [r for r in curve_rows if board(r) == proto]
+  for nfe in sorted({r['nfe'] for r in proto_curve}, key=int):
+    rs = [r for r in proto_curve if r['nfe'] == nfe]
     cprim = primary_metric(sorted({r['metric'] for r in rs}))
     view = rankings.equal_training_compute(rs, cprim, arrow(cprim) == '↓')
     if view is None:
       continue
-    out += [f'### bench at equal training compute, NFE {nfe}', '',
+    out += [f'### {proto} at equal training compute, NFE {nfe}', '',
             f'`{cprim}` on {view["n_samples"]} samples (in-training curve '
             f'points) at ≤ {view["flops"]:.3g} total training FLOPs, the '
             'most every method reached (teacher / encoder runs included); '

@@ -42,7 +42,10 @@ FEATURE_SPACE = ('feature_net', 'feature_weights', 'ref_stats',
 # protocols other than `FIXED_PROTOCOLS`: their configs differ by design).
 GROUP = ('method', 'board', 'conditional', 'guidance', 'eval', 'nfe',
          'n_samples', *FEATURE_SPACE)
-FIXED_PROTOCOLS = ('bench', 'smoke')
+FIXED_PROTOCOLS = ('bench', 'tuned', 'smoke')
+# The ranked tables: `bench` (paper defaults) and `tuned` (the declared
+# tuning procedure's winner per method, experiments/tuning.py), side by side.
+HEADLINE_PROTOCOLS = ('bench', 'tuned')
 CURVE_EVAL = 'curve'  # in-training points: plotted (plots.py), never ranked
 DIRTY = '+dirty'
 HIGHER_IS_BETTER = frozenset({'hq_frac', 'modes_covered', 'inception_score',
@@ -55,8 +58,9 @@ MD_MAX_METRICS = 5
 # forward of the protocol's reference backbone (runner.py). Never ranked.
 EFFECTIVE_NFE = 'effective_nfe'
 
-# Only `bench` ranks; `bench+dirty` (uncommitted code) is listed apart.
-PROTOCOL_ORDER = ('bench', 'bench+dirty', 'custom', 'ablation', 'smoke')
+# Only `bench` and `tuned` rank; `+dirty` (uncommitted code) is listed apart.
+PROTOCOL_ORDER = ('bench', 'tuned', 'bench+dirty', 'tuned+dirty', 'custom',
+                  'ablation', 'smoke')
 _WIDE_ID = ('dataset', 'method', 'board', 'protocol', 'conditional',
             'guidance', 'eval', 'nfe', 'n_samples', *FEATURE_SPACE,
             'n_seeds', 'seeds')

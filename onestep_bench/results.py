@@ -2,8 +2,8 @@
 
 `record(summary)` appends the run's rows to `results/runs.csv` (locked,
 atomic: csvstore.py), regenerates its dataset's leaderboard CSV and
-`LEADERBOARD.md` (leaderboard.py), the run's sample figures and the
-dataset's plots (plots.py). Import direction: results -> plots ->
+`LEADERBOARD.md` (leaderboard.py) and `ANALYSIS.md` (analysis.py), the
+run's sample figures and the dataset's plots (plots.py). Import direction: results -> plots ->
 leaderboard -> csvstore.
 
   python -m onestep_bench.results [--results_dir results]   # rebuild all
@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from onestep_bench import board_md, leaderboard, plots
+from onestep_bench import analysis, board_md, leaderboard, plots
 from onestep_bench.csvstore import (
   atomic_append,
   atomic_write,
@@ -47,7 +47,8 @@ def rebuild(results_dir: str = 'results',
         written.append(path)
     md = os.path.join(results_dir, 'LEADERBOARD.md')
     atomic_write(md, board_md.markdown(tables, curves))
-  return [*written, md]
+    written += [md, analysis.write(results_dir, tables)]
+  return written
 
 
 def record(summary: Mapping[str, Any],

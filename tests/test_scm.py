@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import count_dots, method_setup, smoke_config
 
-from methods import scm
+from methods import scd, scm
 from onestep_bench import train
 from onestep_bench.config_check import ConfigError
 
@@ -317,14 +317,14 @@ def test_bad_config_names_key(kw, key):
   assert err.value.key == key and 'Fix' in str(err.value)
 
 
-def test_good_configs_and_needs_teacher():
-  for kw in ({}, {'method.variant': 'scd'}, {'method.tangent_norm': 'none',
-                                             'method.tangent_c': 0.0}):
+def test_good_configs_and_teacher_entry():
+  for kw in ({}, {'method.tangent_norm': 'none', 'method.tangent_c': 0.0}):
     scm.Method.validate_config(smoke_config('scm', 'toy2d:gaussian', **kw))
-  assert not scm.needs_teacher('')
-  assert scm.needs_teacher('--config.method.variant=scd --config.seed=1')
-  assert not scm.needs_teacher('--config.method.variant=scd '
-                               '--config.method.variant=sct')
+  scm.Method.validate_config(smoke_config('scd', 'toy2d:gaussian'))
+  # Only the sCD entry names a teacher, so sCT never trains one.
+  assert not hasattr(scm, 'TEACHER_METHOD')
+  assert scd.TEACHER_METHOD == 'flow_matching' and scd.Method is scm.Method
+  assert scd.get_config().variant == 'scd'
   with pytest.raises(scm.TeacherError, match='make bench METHOD=flow_'):
     _setup(**{'method.variant': 'scd',
               'method.allow_untrained_teacher': False})
