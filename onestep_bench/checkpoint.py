@@ -5,6 +5,13 @@ previous one (with a warning) and move the unreadable step directories aside
 to `checkpoints_unreadable/` (kept for inspection, never deleted; training
 then rewrites those steps). If checkpoints exist but none can be read, the
 run stops with an error and nothing is moved or deleted.
+
+Layout: `<step>/default/` holds the TrainState (orbax StandardSave). Runs on
+the host-fed grain pipeline (`Checkpointer(..., data_item=True)`) also save
+`<step>/data/`, the input iterator's JSON state (data/pipeline.py
+`Feed.state`), in the same atomic step: state and data position always come
+from one step. Readers that only want the state (`runs.restore_state`, a
+plain `Checkpointer`) read either layout.
 """
 
 from __future__ import annotations
@@ -18,30 +25,55 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+DATA = 'data'  # the item holding the input pipeline's JSON state
+
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint although some exist."""
 
 
 class Checkpointer:
-  """Saves / restores the TrainState pytree under `workdir/checkpoints`."""
+  """Saves / restores the TrainState pytree under `workdir/checkpoints`.
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 2):
+  With `data_item=True` every save also takes the input pipeline's JSON
+  state (`save(..., data=...)`) and `restore_latest_with_data` returns it.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 2,
+               data_item: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self._data_item = data_item
+    extra = ({'item_handlers': {'default': ocp.StandardCheckpointHandler(),
+                                DATA: ocp.JsonCheckpointHandler()}}
+             if data_item else {})
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=True))
+            enable_async_checkpointing=True), **extra)
 
   def all_steps(self) -> list[int]:
     """Steps with a saved checkpoint, ascending."""
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-    """Async save of `state` at `step` (returns whether a save started)."""
-    return self._mngr.save(step, args=ocp.args.StandardSave(state),
-                           force=force)
+  def save(self, step: int, state: Any, *, force: bool = False,
+           data: dict[str, Any] | None = None) -> bool:
+    """Async save of `state` (+ the pipeline's `data` state) at `step`.
+
+    Returns whether a save started.
+    """
+    if not self._data_item:
+      if data is not None:
+        raise ValueError('Only Checkpointer(..., data_item=True) saves a data '
+                         'state.')
+      return self._mngr.save(step, args=ocp.args.StandardSave(state),
+                             force=force)
+    if data is None:
+      raise ValueError('This Checkpointer saves the data state with every '
+                       'step: pass data=.')
+    return self._mngr.save(step, args=ocp.args.Composite(
+        default=ocp.args.StandardSave(state), **{DATA: ocp.args.JsonSave(
+            data)}), force=force)
 
   def reached_preemption(self, step: int) -> bool:
     """Whether `step` is a preemption sync point (save there, then exit)."""
@@ -59,14 +91,33 @@ class Checkpointer:
     Raises:
       CheckpointError: checkpoints exist, none is readable.
     """
+    out = self.restore_latest_with_data(target)
+    return None if out is None else out[0]
+
+  def _restore(self, step: int, abstract: Any) -> tuple[Any, Any]:
+    if not self._data_item:
+      return self._mngr.restore(
+          step, args=ocp.args.StandardRestore(abstract)), None
+    items = self._mngr.item_metadata(step)
+    args = {'default': ocp.args.StandardRestore(abstract)}
+    if DATA in items:  # absent in checkpoints of the device path
+      args[DATA] = ocp.args.JsonRestore()
+    out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    return out['default'], out.get(DATA)
+
+  def restore_latest_with_data(self, target: Any
+                               ) -> tuple[Any, dict[str, Any] | None] | None:
+    """(state, data state or None) of the newest readable checkpoint.
+
+    As `restore_latest`; the data state is None in checkpoints without one.
+    """
     self._mngr.wait_until_finished()
     steps = self.all_steps()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     bad = []
     for step in reversed(steps):
       try:
-        state = self._mngr.restore(step,
-                                   args=ocp.args.StandardRestore(abstract))
+        out = self._restore(step, abstract)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); '
                         'falling back to the previous one.', step,
@@ -75,7 +126,7 @@ class Checkpointer:
         continue
       if bad:
         self._quarantine(bad)
-      return state
+      return out
     if steps:
       raise CheckpointError(
           f'No readable checkpoint in {self.directory} (steps {steps}). '

@@ -8,7 +8,10 @@ purpose: one place to read what a run does, in order.
 
 RNG: step `i` uses `fold_in(root, i)` (split into data / method keys), and
 batches are drawn inside the jitted step, so a resumed run is bitwise equal
-to an uninterrupted one.
+to an uninterrupted one. With `config.data.pipeline='grain'` the batches are
+read on the host instead (data/pipeline.py): step `i` gets batch `i` of a
+seeded per-epoch order, fed to the step as an argument; the iterator state is
+saved in every checkpoint, so resume stays bitwise (docs/data_pipeline.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from onestep_bench import (
   sharding,
   writers,
 )
+from onestep_bench.data import pipeline
 from onestep_bench.evaluators import runner
 from onestep_bench.flops import count_flops
 from onestep_bench.method import Method, TrainState, load_method
@@ -76,6 +80,13 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   d = config.to_dict()
   d.pop('seed', None)
   d.pop('mesh', None)
+  dc = d.get('data') or {}
+  # The input pipeline's threads / prefetch depth are placement too; the
+  # default pipeline is left out so configs without the key keep their hash.
+  for k in ('grain_threads', 'grain_prefetch'):
+    dc.pop(k, None)
+  if dc.get('pipeline', 'device') in ('device', None):
+    dc.pop('pipeline', None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
                         .encode()).hexdigest()[:12]
 
@@ -135,16 +146,19 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def make_step_fn(method: Method, dataset: data.Dataset, mesh, batch: int):
-  """one_step(root_key, arrays, phase, state, _) -> (state, metrics).
+  """one_step(root_key, arrays, phase, state, fed) -> (state, metrics).
 
   The batch is sampled inside the program and constrained to the batch axes,
-  so each device draws only its slice (threefry is partitionable).
+  so each device draws only its slice (threefry is partitionable). `fed` is
+  None, or the step's host-fed batch (grain pipeline), which then takes the
+  place of `arrays` in `dataset.sample`.
   """
-  def one_step(root_key, arrays, phase, state: TrainState, _):
+  def one_step(root_key, arrays, phase, state: TrainState, fed):
     data_key, method_key = jax.random.split(
         jax.random.fold_in(root_key, state.step))
     b = sharding.shard_batch(
-        dataset.sample(data_key, batch, arrays, groups=method.class_groups),
+        dataset.sample(data_key, batch, arrays if fed is None else fed,
+                       groups=method.class_groups),
         mesh)
     if phase is None:
       return method.train_step(state, b, method_key)
@@ -153,24 +167,26 @@ def make_step_fn(method: Method, dataset: data.Dataset, mesh, batch: int):
 
 
 def train_step_flops(method: Method, one_step, state: TrainState,
-                     root_key: jax.Array, arrays: Any) -> tuple[float, bool]:
+                     root_key: jax.Array, arrays: Any,
+                     fed: Any = None) -> tuple[float, bool]:
   """Matmul/conv FLOPs of one training step (global batch), and exactness.
 
   Counted on the jaxpr of the real step (`flops.count_flops`): forward,
   backward, JVPs, teacher / critic / fake-score passes, frozen-encoder
   features — whatever the method's `train_step` runs. A method alternating
   update types (`step_cycle` = C > 1) is counted per phase and averaged, as
-  each phase runs 1/C of the steps.
+  each phase runs 1/C of the steps. `fed`: one step's host-fed batch (or
+  its shapes) on the grain pipeline.
   """
   phases = range(method.step_cycle) if method.step_cycle > 1 else [None]
-  counts = [count_flops(lambda s, k, a, p=p: one_step(k, a, p, s, None),
-                        state, root_key, arrays) for p in phases]
+  counts = [count_flops(lambda s, k, a, f, p=p: one_step(k, a, p, s, f),
+                        state, root_key, arrays, fed) for p in phases]
   return (sum(c[0] for c in counts) / len(counts),
           all(c[1] for c in counts))
 
 
 def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
-                     state_sharding: Any):
+                     state_sharding: Any, *, fed: bool = False):
   """jit(state, root_key, arrays, n, phase) -> (state, metrics), n steps.
 
   `phase` (static, only for n == 1) is `method.step_phase(step)` when the
@@ -179,18 +195,26 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
 
   `arrays` (the dataset's device-resident data) is an argument rather than a
   closure so a 50 MB image set is not baked into the program as a constant.
+  With `fed=True` (grain pipeline) `arrays` is instead the chunk's host-fed
+  batches, {'x': [n, B, ...], 'y': [n, B]}, scanned one step at a time.
   """
   one_step = make_step_fn(method, dataset, mesh, batch)
 
   @functools.partial(jax.jit, static_argnums=(3, 4), donate_argnums=0)
   def chunk(state, root_key, arrays, n, phase=None):
-    body = functools.partial(one_step, root_key, arrays,
-                             phase if n == 1 else None)
+    if fed:
+      body = functools.partial(one_step, root_key, {},
+                               phase if n == 1 else None)
+      xs, first = arrays, jax.tree.map(lambda a: a[0], arrays)
+    else:
+      body = functools.partial(one_step, root_key, arrays,
+                               phase if n == 1 else None)
+      xs = first = None
     if n == 1:  # no while loop: XLA:CPU runs convs in loops ~35x slower
-      state, metrics = body(state, None)
+      state, metrics = body(state, first)
       metrics = jax.tree.map(lambda m: m[None], metrics)
     else:
-      state, metrics = jax.lax.scan(body, state, length=n)
+      state, metrics = jax.lax.scan(body, state, xs, length=n)
     return jax.lax.with_sharding_constraint(state, state_sharding), metrics
   return chunk
 
@@ -216,9 +240,11 @@ def build_state(config: ml_collections.ConfigDict,
   patch size) fails before anything compiles; then the jitted `init` places
   the state by its shardings, and the data go to every device.
   """
+  pipeline.check_config(config)  # before any data is read
   dataset = data.build(config.data)
   method = load_method(config, dataset.spec)
   config_check.validate(config, method)  # every key, before any compute
+  pipeline.check_config(config, method)
   method.prepare(dataset)  # frozen encoders / teachers (host side)
   mesh = sharding.make_mesh(config.mesh)
   batch = config.train.batch_size
@@ -275,26 +301,37 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset, method, mesh = built.dataset, built.method, built.mesh
   state, state_sharding, arrays = (built.state, built.state_sharding,
                                    built.arrays)
+  feed = None  # host-fed batches (config.data.pipeline='grain')
+  if getattr(dataset, 'host_fed', False):
+    dc = config.data
+    feed = pipeline.Feed(
+        dataset.train_source, global_batch=tc.batch_size, seed=config.seed,
+        mesh=mesh, threads=dc.get('grain_threads', pipeline.DEFAULT_THREADS),
+        prefetch=dc.get('grain_prefetch', pipeline.DEFAULT_PREFETCH))
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(workdir, config, is_main)
   writer = writers.create_writer(workdir, is_main=is_main)
 
   # ---------------------------------------------------------------- state
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
-  restored = ckpt.restore_latest(state)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep,
+                                 data_item=feed is not None)
+  restored = ckpt.restore_latest_with_data(state)
+  data_state = None
   if restored is not None:
-    state = restored
+    state, data_state = restored
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  if feed is not None:  # batch `step` comes next; checked against the data
+    feed.start(int(state.step), data_state)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.write_hparams(config.to_dict())
   upstream = method.upstream_compute()
 
   # ---------------------------------------------------------------- train
   chunk_fn = make_train_chunk(method, dataset, mesh, tc.batch_size,
-                              state_sharding)
+                              state_sharding, fed=feed is not None)
   step_flops, step_flops_exact = train_step_flops(
       method, make_step_fn(method, dataset, mesh, tc.batch_size), state,
-      train_key, arrays)
+      train_key, arrays, None if feed is None else feed.example())
   up_known = all(v is not None for v in upstream.values())
   up_total = sum(v for v in upstream.values() if v is not None)
   curve_evals = curve.eval_config(config)
@@ -307,17 +344,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_curve = 0.0
   bar = tqdm(total=tc.num_steps, initial=step, desc='train', unit='step',
              disable=not is_main, dynamic_ncols=True, mininterval=1.0)
-  while step < tc.num_steps:
+  ce = tc.checkpoint_every_steps
+
+  def chunk_len(at: int) -> int:
     # Chunks end on checkpoint boundaries so every save sees a whole chunk.
-    ce = tc.checkpoint_every_steps
-    n = min(tc.steps_per_dispatch, tc.num_steps - step, ce - step % ce)
-    nxt = next((c for c in curve_at if c > step), None)
+    n = min(tc.steps_per_dispatch, tc.num_steps - at, ce - at % ce)
+    nxt = next((c for c in curve_at if c > at), None)
     if nxt is not None:  # chunks also end on curve points
-      n = min(n, nxt - step)
+      n = min(n, nxt - at)
+    return n
+
+  while step < tc.num_steps:
+    n = chunk_len(step)
     t0 = time.perf_counter()
     phase = (method.step_phase(step)
              if n == 1 and method.step_cycle > 1 else None)
-    state, metrics = chunk_fn(state, train_key, arrays, n, phase)
+    fed = arrays if feed is None else feed.take(n)
+    state, metrics = chunk_fn(state, train_key, fed, n, phase)
+    if feed is not None and step + n < tc.num_steps:
+      feed.prepare(chunk_len(step + n))  # placed while this chunk runs
     metrics = jax.device_get(metrics)
     dt = time.perf_counter() - t0
     if not first:  # the first chunk includes compilation
@@ -330,6 +375,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # The loss of step k is computed from the params saved at step k - 1,
       # so checkpoints from step bad - 1 on hold params that give NaN/Inf.
       good = [s for s in ckpt.all_steps() if s <= bad - 2]
+      if feed is not None:
+        feed.close()
       raise NonFiniteError(
           f'Non-finite loss at step {bad} (steps {step + 1}..{step + n} were '
           f'in this dispatch). Last good checkpoint: '
@@ -367,11 +414,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         curve.save(workdir, points)
       t_curve += time.perf_counter() - t_c
     if step % ce == 0 or step == tc.num_steps or ckpt.reached_preemption(step):
-      ckpt.save(step, state, force=True)
+      ckpt.save(step, state, force=True,
+                data=None if feed is None else feed.state(step))
       if ckpt.reached_preemption(step):
         ckpt.close()
+        if feed is not None:
+          feed.close()
         raise SystemExit(f'Preempted at step {step}; checkpoint saved.')
   bar.close()
+  if feed is not None:
+    feed.close()
   ckpt.wait()
   t_train = time.perf_counter() - t_start - t_curve
   writer.flush()

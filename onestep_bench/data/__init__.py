@@ -1,8 +1,12 @@
 """Datasets. `build(config.data)` returns an object with the `Dataset` API.
 
-A dataset draws training batches *inside* the jitted train step from a key
-(`sample(key, n)`), so there is no iterator state to checkpoint and resume is
-bitwise. Toy sets are exact samplers of known distributions.
+By default (`config.data.pipeline='device'`) a dataset draws training
+batches *inside* the jitted train step from a key (`sample(key, n)`), so
+there is no iterator state to checkpoint and resume is bitwise. Toy sets are
+exact samplers of known distributions. Image / latent sets larger than device
+memory use `pipeline='grain'` (data/pipeline.py, data/streamed.py): batches
+are read on the host in a seeded per-epoch order and fed to the step; the
+iterator position is checkpointed with the state, so resume stays bitwise.
 """
 
 from __future__ import annotations
@@ -74,18 +78,30 @@ IMAGE_SETS = ('digits', 'fashion_mnist', 'mnist', 'cifar10', 'imagenet64')
 def build(config: ml_collections.ConfigDict) -> Dataset:
   """Dataset from `config.name` ('toy2d:<name>', 'digits', 'latents:<dir>'…).
 
-  Optional keys: `dir` (data directory: IDX dir, TFDS data_dir), `conditional`
-  (feed class labels; default False), `hflip` (random horizontal flips),
-  `latent_scale` (multiplier for `latents:` data).
+  Optional keys: `dir` (data directory: IDX dir, TFDS data_dir, or a
+  directory of the harness's ArrayRecord files, data/arrayrecord.py),
+  `conditional` (feed class labels; default False), `hflip` (random
+  horizontal flips), `latent_scale` (multiplier for `latents:` data),
+  `pipeline` ('device' default | 'grain': a host-fed `StreamedImages`).
   """
   family, _, sub = config.name.partition(':')
   if family == 'toy2d':
     from onestep_bench.data import toy2d  # pylint: disable=g-import-not-at-top
     return toy2d.Toy2D(sub)
-  from onestep_bench.data import images, sources  # pylint: disable=g-import-not-at-top
+  if (config.get('pipeline') or 'device') == 'grain':
+    from onestep_bench.data import streamed  # pylint: disable=g-import-not-at-top
+    return streamed.build(config)
+  from onestep_bench.data import arrayrecord, images, sources  # pylint: disable=g-import-not-at-top
   directory = config.get('dir') or None
   kwargs = dict(conditional=bool(config.get('conditional', False)),
                 hflip=bool(config.get('hflip', False)))
+  stored = sub if family == 'latents' else directory
+  if arrayrecord.has_split(stored):  # our ArrayRecord files, into memory
+    splits, k, kind = arrayrecord.load_splits(
+        stored, None if family == 'latents' else family)
+    return images.ImageArrays(config.name, splits, k, kind=kind,
+                              scale=float(config.get('latent_scale', 1.0)),
+                              **kwargs)
   if family == 'latents':
     if not sub:
       raise ValueError("Use config.data.name='latents:<directory>'.")
@@ -98,9 +114,8 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
   elif family == 'fashion_mnist':
     splits, k = sources.load_fashion_mnist(directory)
   elif family in sources.TFDS_NAMES:
-    splits, k = sources.load_tfds(
-        family, directory, splits=('train', 'validation')
-        if family == 'imagenet64' else ('train', 'test'))
+    splits, k = sources.load_tfds(family, directory,
+                                  splits=sources.tfds_splits(family))
   else:
     raise ValueError(
         f'Unknown dataset {config.name!r}. Available: '

@@ -12,11 +12,20 @@ one message naming the fix; nothing is ever downloaded at run time.
   over a prepared TFDS data dir (`download=False`).
 - `latents:<dir>`: precomputed VAE latents `<dir>/{split}_latents.npy`
   [N, h, w, c] float and `<dir>/{split}_labels.npy`.
+
+The host-fed pipeline (`config.data.pipeline='grain'`, data/pipeline.py)
+reads the same data through random-access sources instead, index ->
+{'x': example, 'y': int32 label}: `TfdsSource` (a `tfds.data_source`
+split), `ArraySource` (arrays in memory or memory-mapped `.npy`; see
+`open_latents`) and `arrayrecord.ArrayRecordSource` (the harness's own
+ArrayRecord files). Each has a `fingerprint()` that resumed runs check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Any
 
 import numpy as np
 
@@ -80,24 +89,30 @@ def load_fashion_mnist(directory: str | None = None) -> tuple[Splits, int]:
   return splits, 10
 
 
+def open_tfds(name: str, data_dir: str | None, split: str) -> Any:
+  """`tfds.data_source` of a prepared dataset (random access, no TF)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder_name = TFDS_NAMES[name][0]
+  try:
+    return tfds.data_source(builder_name, split=split, data_dir=data_dir,
+                            download=False)
+  except Exception as e:  # tfds raises several types for "not prepared"
+    raise DatasetNotFoundError(
+        f'TFDS dataset {builder_name!r} split {split!r} is not prepared in '
+        f'data_dir={data_dir or "~/tensorflow_datasets"} ({type(e).__name__}'
+        f'). Prepare it on a machine with the source files (`tfds build '
+        f'{builder_name} --data_dir=DIR`, ArrayRecord format) and set '
+        'config.data.dir=DIR.') from e
+
+
 def load_tfds(name: str, data_dir: str | None = None,
               splits: tuple[str, ...] = ('train', 'test')
               ) -> tuple[Splits, int]:
   """A prepared TFDS dataset read through `tfds.data_source` (no TF needed)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder_name, num_classes = TFDS_NAMES[name]
+  num_classes = TFDS_NAMES[name][1]
   out = {}
   for split in splits:
-    try:
-      source = tfds.data_source(builder_name, split=split, data_dir=data_dir,
-                                download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
-      raise DatasetNotFoundError(
-          f'TFDS dataset {builder_name!r} split {split!r} is not prepared in '
-          f'data_dir={data_dir or "~/tensorflow_datasets"} ({type(e).__name__}'
-          f'). Prepare it on a machine with the source files (`tfds build '
-          f'{builder_name} --data_dir=DIR`, ArrayRecord format) and set '
-          'config.data.dir=DIR.') from e
+    source = open_tfds(name, data_dir, split)
     n = len(source)
     first = source[0]
     images = np.empty((n, *np.shape(first['image'])), np.uint8)
@@ -109,8 +124,79 @@ def load_tfds(name: str, data_dir: str | None = None,
   return out, num_classes
 
 
-def load_latents(directory: str) -> tuple[Splits, int]:
-  """Precomputed latents `<dir>/<split>_latents.npy` (+ `_labels.npy`)."""
+def tfds_splits(name: str) -> tuple[str, ...]:
+  """The (train, held-out) splits the harness reads of a TFDS set."""
+  return ('train', 'validation') if name == 'imagenet64' else ('train', 'test')
+
+
+class TfdsSource:
+  """A `tfds.data_source` split as index -> {'x': uint8 image, 'y': int32}.
+
+  grain's `RandomAccessDataSource` protocol; each read decodes one record.
+  """
+
+  def __init__(self, name: str, data_dir: str | None, split: str):
+    self.name, self.split = name, split
+    self._source = open_tfds(name, data_dir, split)
+    self.num_classes = TFDS_NAMES[name][1]
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    row = self._source[index]
+    return {'x': np.asarray(row['image'], np.uint8),
+            'y': np.int32(row['label'])}
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self.name!r}, {self.split!r})'
+
+  def fingerprint(self) -> str:
+    """Builder, version, split and size (TFDS versions pin the content)."""
+    info = self._source.dataset_info
+    return f'tfds:{info.full_name}/{self.split}:{len(self)}'
+
+
+class ArraySource:
+  """In-memory (or memory-mapped) arrays as a random-access source.
+
+  Index -> {'x': examples[i], 'y': int32 label}; `examples` may be an
+  `np.load(..., mmap_mode='r')` array, so a `.npy` larger than host memory
+  streams from disk. Float examples are read as float32.
+  """
+
+  def __init__(self, examples: np.ndarray, labels: np.ndarray, name: str,
+               split: str):
+    if labels.shape != (examples.shape[0],):
+      raise ValueError(f'{name}/{split}: {examples.shape[0]} examples but '
+                       f'labels of shape {labels.shape}.')
+    self.examples, self.labels = examples, labels.astype(np.int32)
+    self.name, self.split = name, split
+    self._float = examples.dtype != np.uint8
+
+  def __len__(self) -> int:
+    return int(self.examples.shape[0])
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    x = self.examples[index]
+    return {'x': np.asarray(x, np.float32) if self._float else x,
+            'y': self.labels[index]}
+
+  def __repr__(self) -> str:
+    return f'ArraySource({self.name!r}, {self.split!r})'
+
+  def fingerprint(self) -> str:
+    """Shape, dtype and a hash of the labels and of <= 4096 examples."""
+    n = len(self)
+    take = np.linspace(0, n - 1, min(n, 4096)).astype(np.int64)
+    h = hashlib.sha256(self.labels.tobytes())
+    h.update(np.ascontiguousarray(self.examples[take]).tobytes())
+    return (f'array:{self.name}/{self.split}:{self.examples.shape}:'
+            f'{self.examples.dtype}:{h.hexdigest()[:16]}')
+
+
+def _latent_files(directory: str) -> tuple[Splits, int]:
+  """{split: (memory-mapped latents, int32 labels)} and the class count."""
   splits = {}
   for split in ('train', 'test', 'validation'):
     path = os.path.join(directory, f'{split}_latents.npy')
@@ -120,11 +206,26 @@ def load_latents(directory: str) -> tuple[Splits, int]:
     lab_path = os.path.join(directory, f'{split}_labels.npy')
     labels = (np.load(lab_path, allow_pickle=False) if os.path.exists(lab_path)
               else np.zeros(lat.shape[0], np.int32))
-    splits[split] = (np.asarray(lat, np.float32), labels.astype(np.int32))
+    splits[split] = (lat, labels.astype(np.int32))
   if 'train' not in splits:
     raise DatasetNotFoundError(
         f'No {directory}/train_latents.npy. Expected precomputed VAE latents '
         '`<split>_latents.npy` [N, h, w, c] (float) and `<split>_labels.npy` '
-        '[N] (int) for split in train/test/validation.')
+        '[N] (int) for split in train/test/validation, or an ArrayRecord '
+        'directory (`python -m onestep_bench.data.arrayrecord`).')
   num_classes = int(max(s[1].max() for s in splits.values())) + 1
   return splits, num_classes
+
+
+def load_latents(directory: str) -> tuple[Splits, int]:
+  """Precomputed latents `<dir>/<split>_latents.npy` (+ `_labels.npy`)."""
+  splits, num_classes = _latent_files(directory)
+  return {k: (np.asarray(lat, np.float32), labels)
+          for k, (lat, labels) in splits.items()}, num_classes
+
+
+def open_latents(directory: str) -> tuple[dict[str, ArraySource], int]:
+  """The latent splits as memory-mapped `ArraySource`s (nothing is read)."""
+  splits, num_classes = _latent_files(directory)
+  return {k: ArraySource(lat, labels, f'latents:{directory}', k)
+          for k, (lat, labels) in splits.items()}, num_classes
