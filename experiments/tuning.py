@@ -66,6 +66,14 @@ SPACES: dict[str, dict[str, tuple]] = {
     'imeanflow': {**_LR, 'method.v_head': ('aux', 'boundary'),
                   'method.data_proportion': (0.25, 0.5, 0.75),
                   'method.norm_p': (0.0, 0.5, 1.0)},
+    # Shortcut models (Frans et al. 2024): share of self-consistency rows
+    # (paper 1/4; official flag bootstrap_every=8 -> 1/8), EMA vs online
+    # targets (official `bootstrap_ema`), number of step levels (official
+    # denoise_timesteps=128).
+    'shortcut': {**_LR,
+                 'method.bootstrap_fraction': (0.125, 0.25, 0.5),
+                 'method.bootstrap_ema': (True, False),
+                 'method.max_steps': (32, 64, 128)},
     # sCM (Lu & Song 2024) §4: tangent normalisation, adaptive weighting,
     # tangent warm-up (official 10k of FastGen's 350k CIFAR-10 steps). The
     # same space for both variants (sCT `scm`, sCD `scd`).
