@@ -42,10 +42,13 @@ FEATURE_SPACE = ('feature_net', 'feature_weights', 'ref_stats',
 # protocols other than `FIXED_PROTOCOLS`: their configs differ by design).
 GROUP = ('method', 'board', 'conditional', 'guidance', 'eval', 'nfe',
          'n_samples', *FEATURE_SPACE)
-FIXED_PROTOCOLS = ('bench', 'tuned', 'smoke')
+FIXED_PROTOCOLS = ('bench', 'tuned', 'equal_budget', 'paper', 'smoke')
 # The ranked tables: `bench` (paper defaults) and `tuned` (the declared
-# tuning procedure's winner per method, experiments/tuning.py), side by side.
-HEADLINE_PROTOCOLS = ('bench', 'tuned')
+# tuning procedure's winner per method, experiments/tuning.py), side by
+# side; at paper scale `equal_budget` (experiments/paper.py: one backbone,
+# batch and budget for every method). `paper` rows (each method at its own
+# published setting) are listed but not comparable: budgets differ.
+HEADLINE_PROTOCOLS = ('bench', 'tuned', 'equal_budget')
 CURVE_EVAL = 'curve'  # in-training points: plotted (plots.py), never ranked
 DIRTY = '+dirty'
 HIGHER_IS_BETTER = frozenset({'hq_frac', 'modes_covered', 'inception_score',
@@ -59,8 +62,8 @@ MD_MAX_METRICS = 5
 EFFECTIVE_NFE = 'effective_nfe'
 
 # Only `bench` and `tuned` rank; `+dirty` (uncommitted code) is listed apart.
-PROTOCOL_ORDER = ('bench', 'tuned', 'bench+dirty', 'tuned+dirty', 'custom',
-                  'ablation', 'smoke')
+PROTOCOL_ORDER = ('bench', 'tuned', 'equal_budget', 'paper', 'bench+dirty',
+                  'tuned+dirty', 'custom', 'ablation', 'smoke')
 _WIDE_ID = ('dataset', 'method', 'board', 'protocol', 'conditional',
             'guidance', 'eval', 'nfe', 'n_samples', *FEATURE_SPACE,
             'n_seeds', 'seeds')
