@@ -218,6 +218,7 @@ def test_extractor_partial_batch_and_batch_independence(folded,
   assert out['features'].shape == (3, 2048)
   assert out['logits'].shape == (3, 1008)
   assert out['features'].dtype == np.float64
+  assert out['spatial'].shape == (3, inc.SPATIAL_DIM)
   assert np.all(np.isfinite(out['features']))
   fn = jax.jit(lambda p, im: inc.apply(p, inc.preprocess(im, 'legacy_tf')))
   for i in range(3):  # each image alone
@@ -367,6 +368,12 @@ def test_parity_with_pytorch_fid(tmp_path, monkeypatch):
   model = pfi.InceptionV3([3], resize_input=False, normalize_input=False,
                           use_fid_inception=True).eval()
   fc_w = torch.load(pth, weights_only=True)['fc.weight'].numpy()
+  # sFID: ADM's `mixed_6/conv:0`[..., :7] = Mixed_6d.branch1x1 (post-ReLU).
+  mixed_6d = model.blocks[2][6]
+  assert isinstance(mixed_6d, pfi.FIDInceptionC)
+  spatial = []
+  mixed_6d.branch1x1.register_forward_hook(
+      lambda m, i, o: spatial.append(o.numpy().transpose(0, 2, 3, 1)))
 
   def torch_pool3(x_nchw):
     with torch.no_grad():
@@ -378,15 +385,20 @@ def test_parity_with_pytorch_fid(tmp_path, monkeypatch):
   assert convert_inception.main(
       ['--src', pth, '--dst', npz, '--allow_unverified']) == 0
 
-  # 1) Identical preprocessed 299x299 inputs: pool3 and bias-free logits.
+  # 1) Identical preprocessed 299x299 inputs: pool3, bias-free logits and
+  # the sFID features (17 x 17 x 7, flattened in (h, w, c) order as ADM).
   x = np.asarray(inc.preprocess(_images(4, 16, 16, seed=3), 'pytorch_fid'))
-  pool3, logits = jax.jit(inc.apply)(inc.fold_batchnorm(inc.load_params(npz)),
-                                     x)
+  out = jax.jit(inc.forward)(inc.fold_batchnorm(inc.load_params(npz)), x)
   ref = torch_pool3(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  feat_err = _rel_err(pool3, ref)
-  logit_err = _rel_err(logits, ref @ fc_w.T)
-  print(f'pool3 rel err {feat_err:.2e}, logits rel err {logit_err:.2e}')
-  assert feat_err <= 1e-4 and logit_err <= 1e-4
+  feat_err = _rel_err(out['pool3'], ref)
+  logit_err = _rel_err(out['logits'], ref @ fc_w.T)
+  ref_s = spatial[0][..., :inc.SPATIAL_CHANNELS].reshape(len(x), -1)
+  spatial_err = _rel_err(out['spatial'], ref_s)
+  print(f'pool3 rel err {feat_err:.2e}, logits rel err {logit_err:.2e}, '
+        f'sFID features rel err {spatial_err:.2e}')
+  assert out['spatial'].shape == (4, inc.SPATIAL_DIM) == (4, 2023)
+  assert feat_err <= 1e-4 and logit_err <= 1e-4 and spatial_err <= 1e-4
+  assert float(np.std(ref_s)) > 1e-3  # not a dead layer
 
   # 2) End to end from uint8 16x16 images: pytorch-fid's own resize and
   # normalization vs our extractor in pytorch_fid mode; FID with

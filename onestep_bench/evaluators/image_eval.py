@@ -18,6 +18,23 @@ checks them, and `score_images` returns them under 'settings' for the row):
                   0 = none).
   ref_split       real split of the reference statistics (default 'train').
   ref_n           images of it used (default 0 = all).
+  fd_dinov2       'auto' (default): FD_DINOv2 whenever DINOv2 weights are
+                  found (`dinov2.resolve_weights_path`: `dinov2_weights`,
+                  $ONESTEP_DINOV2_WEIGHTS, ~/.cache/onestep_bench/
+                  dinov2_vitl14.npz), silently skipped otherwise; 'on':
+                  required (missing weights are a ConfigError before any
+                  compute); 'off'. Not part of `settings` (FD_DINOv2 rows
+                  have their own feature space, below).
+  dinov2_pos      DINOv2 position-embedding interpolation, 'hub' (default,
+                  EDM2 / dgm-eval) or 'transformers' (see `dinov2`).
+
+Metrics of the primary feature net: fid, fid_floor, fid_ci_lo/hi,
+inception_score(_std), precision, recall, kid(_std), and sfid (Inception
+nets only: ADM's spatial FID on `inception.SPATIAL_LAYER`, same network,
+weights and reference images as the FID, so it shares the row's feature
+space). FD_DINOv2 is returned as an extra record (`extra_records`) with its
+own feature_net / weights / reference statistics: the runner writes it as
+its own result record, so its rows are never mixed with Inception rows.
 
 Feature networks, by name (`config.evals.<name>.feature_net`):
   `inception_v3`        Flax port of the FID Inception (pool3 / 1008 logits);
@@ -33,6 +50,12 @@ Feature networks, by name (`config.evals.<name>.feature_net`):
 Reference statistics are cached under a key of (dataset, split, content hash
 of the split, feature net, its weights hash, n). The key is stored in the
 file and compared on load: different settings never reuse a cache entry.
+An Inception entry also holds the sFID statistics (mu_s, sigma_s) of the
+same images.
+
+Latent datasets: `decode_to_images` is where a VAE decoder will turn latent
+samples into images before the feature network (not implemented: a clear
+error until `onestep_bench/vae` provides the decoder).
 """
 
 from __future__ import annotations
@@ -59,6 +82,7 @@ from onestep_bench.evaluators.classifier import cache_dir
 MAX_REF_FEATURES = 10_000  # real features kept for P/R and KID (ADM: 10k)
 KID_NUM_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
+FD_DINOV2_MODES = ('auto', 'on', 'off')
 
 
 def eval_settings(ev: ml_collections.ConfigDict,
@@ -100,7 +124,43 @@ def eval_settings(ev: ml_collections.ConfigDict,
   out['ref_split'] = ref_split
   out.update(max_ref_features=MAX_REF_FEATURES,
              kid_num_subsets=KID_NUM_SUBSETS, kid_subset_size=KID_SUBSET_SIZE)
+  fd_dinov2_mode(ev, name)  # checked here, before any compute
   return out
+
+
+def fd_dinov2_mode(ev: ml_collections.ConfigDict,
+                   name: str = '<name>') -> str:
+  """'on' (weights found, required or auto) or 'off'; checks the options.
+
+  Raises:
+    ConfigError: `fd_dinov2` / `dinov2_pos` is not a known value, or
+      `fd_dinov2='on'` and no weights file is found (the message says how to
+      convert one).
+  """
+  from onestep_bench.evaluators import dinov2  # pylint: disable=g-import-not-at-top
+  mode = ev.get('fd_dinov2', 'auto')
+  if mode not in FD_DINOV2_MODES:
+    raise ConfigError(f'evals.{name}.fd_dinov2', mode,
+                      f'must be one of {FD_DINOV2_MODES}',
+                      f'e.g. --config.evals.{name}.fd_dinov2=auto')
+  pos = ev.get('dinov2_pos', 'hub')
+  if pos not in dinov2.POS_INTERP:
+    raise ConfigError(f'evals.{name}.dinov2_pos', pos,
+                      f'must be one of {dinov2.POS_INTERP}',
+                      f'e.g. --config.evals.{name}.dinov2_pos=hub (EDM2)')
+  if mode == 'off':
+    return 'off'
+  try:
+    dinov2.resolve_weights_path(ev.get('dinov2_weights') or None)
+  except FileNotFoundError as e:
+    if mode == 'on':
+      raise ConfigError(f'evals.{name}.fd_dinov2', mode,
+                        f'needs the DINOv2 weights. {e}',
+                        f'convert them as above, or set --config.evals.'
+                        f'{name}.fd_dinov2=auto to skip FD_DINOv2 without '
+                        'them') from None
+    return 'off'
+  return 'on'
 
 
 def _inception_weights(ev: ml_collections.ConfigDict) -> str | None:
@@ -165,9 +225,42 @@ def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
   return _EXTRACTORS[key]
 
 
+def get_dinov2_extractor(ev: ml_collections.ConfigDict):
+  """The DINOv2 feature network for `ev` (memoised per file and mode)."""
+  from onestep_bench.evaluators import dinov2  # pylint: disable=g-import-not-at-top
+  path = dinov2.resolve_weights_path(ev.get('dinov2_weights') or None)
+  key = ('dinov2', path, ev.get('dinov2_pos', 'hub'))
+  if key not in _EXTRACTORS:
+    _EXTRACTORS[key] = dinov2.DinoV2Extractor(path, pos_interp=key[2])
+  return _EXTRACTORS[key]
+
+
+def decode_to_images(samples: np.ndarray, dataset: ImageArrays,
+                     ev: ml_collections.ConfigDict) -> np.ndarray:
+  """Generated samples -> images in [-1, 1] for the feature networks.
+
+  Image datasets: the samples themselves. Latent datasets (`kind ==
+  'latent'`) will decode here with the VAE of `onestep_bench/vae` (and so
+  will their reference images, before `reference_stats`); until then
+  `get_extractor` refuses them with one clear error before any compute.
+  """
+  del ev  # the decoder's options will come from the eval config
+  if dataset.spec.kind != 'image':
+    raise ValueError(f'{dataset.spec.name}: decoding {dataset.spec.kind} '
+                     'samples to images is not implemented (no VAE decoder '
+                     'is configured).')
+  return samples
+
+
 def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
                     split: str, n: int | None) -> dict[str, Any]:
-  """mu, sigma (float64) and <= 10k features of `n` images of `split`."""
+  """mu, sigma (float64) and <= 10k features of `n` images of `split`.
+
+  With an extractor that has spatial outputs (`has_spatial`, the Inception)
+  the entry also holds mu_s, sigma_s of its 'spatial' features (sFID); an
+  older entry without them is recomputed.
+  """
+  spatial = bool(getattr(extractor, 'has_spatial', False))
   images, _ = dataset.split_images(split)
   n = len(images) if not n else min(int(n), len(images))
   content = hashlib.sha256(np.ascontiguousarray(images[:n]).tobytes())
@@ -183,20 +276,26 @@ def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
       if stored != key:
         raise ValueError(f'Reference cache {path} holds {stored}, not {key}; '
                          'delete it.')
-      return {'mu': z['mu'], 'sigma': z['sigma'], 'features': z['features'],
-              'key': key, 'path': path}
+      if not spatial or 'mu_s' in z.files:
+        return {**{k: z[k] for k in z.files if k != 'key'}, 'key': key,
+                'path': path}
   logging.info('Computing reference statistics %s', key)
-  feats = extractor(images[:n])['features']
+  out = extractor(images[:n])
+  feats = out['features']
   mu, sigma = image_metrics.gaussian_stats(feats)
   keep = np.random.RandomState(0).permutation(n)[:MAX_REF_FEATURES]
-  sub = feats[np.sort(keep)].astype(np.float32)
+  arrays = {'mu': mu, 'sigma': sigma,
+            'features': feats[np.sort(keep)].astype(np.float32)}
+  if spatial:
+    arrays['mu_s'], arrays['sigma_s'] = image_metrics.gaussian_stats(
+        out['spatial'])
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
-  np.savez(tmp, mu=mu, sigma=sigma, features=sub,
+  np.savez(tmp, **arrays,
            key=np.frombuffer(json.dumps(key, sort_keys=True).encode(),
                              np.uint8))
   os.replace(tmp, path)
-  return {'mu': mu, 'sigma': sigma, 'features': sub, 'key': key, 'path': path}
+  return {**arrays, 'key': key, 'path': path}
 
 
 _FLOORS: dict[tuple[str, ...], float] = {}
@@ -241,19 +340,28 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   Returns:
     Scalar metrics plus 'reference' (a dict describing the statistics used)
     and 'settings' (`eval_settings(ev)` plus is_num_splits, the number of
-    IS splits used): both for the harness to move into the row.
+    IS splits used): both for the harness to move into the row. With
+    FD_DINOv2 on (`fd_dinov2_mode`), 'extra_records': [{'metrics':
+    {'fd_dinov2': float}, 'feature_net', 'reference', 'settings'}], one
+    record of its own feature space for the runner.
   """
   settings = eval_settings(ev)
   extractor = get_extractor(dataset, ev)
   feature_net = feature_net_name(dataset, ev)
   ref = reference_stats(dataset, extractor, feature_net,
                         settings['ref_split'], settings['ref_n'])
-  out = extractor(to_uint8(samples, settings['quantize']))
+  images = to_uint8(decode_to_images(samples, dataset, ev),
+                    settings['quantize'])
+  out = extractor(images)
   feats = out['features']
   mu, sigma = image_metrics.gaussian_stats(feats)
   m: dict[str, Any] = {
       'fid': image_metrics.frechet_distance(mu, sigma, ref['mu'],
                                             ref['sigma'])}
+  if 'spatial' in out and 'mu_s' in ref:  # ADM's sFID
+    m['sfid'] = image_metrics.frechet_distance(
+        *image_metrics.gaussian_stats(out['spatial']), ref['mu_s'],
+        ref['sigma_s'])
   floor = fid_floor(dataset, extractor, ref, len(samples), seed)
   if floor is not None:
     m['fid_floor'] = floor
@@ -280,4 +388,27 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   m['reference'] = {**ref['key'], 'cache': ref['path']}
   m['settings'] = {**settings, 'is_num_splits': len(
       image_metrics.is_split_rows(len(samples), split))}
+  if fd_dinov2_mode(ev) == 'on':
+    m['extra_records'] = [fd_dinov2_record(images, dataset, ev,
+                                           m['settings'])]
   return m
+
+
+def fd_dinov2_record(images: np.ndarray, dataset: ImageArrays,
+                     ev: ml_collections.ConfigDict,
+                     settings: dict[str, Any]) -> dict[str, Any]:
+  """FD_DINOv2 of uint8 `images` against the DINOv2 reference statistics.
+
+  The reference statistics are computed and cached exactly as the primary
+  net's (`reference_stats`: same split and n, key with the DINOv2 feature
+  net and its weights hash).
+  """
+  ext = get_dinov2_extractor(ev)
+  ref = reference_stats(dataset, ext, ext.feature_net, settings['ref_split'],
+                        settings['ref_n'])
+  mu, sigma = image_metrics.gaussian_stats(ext(images)['features'])
+  return {'metrics': {'fd_dinov2': image_metrics.frechet_distance(
+              mu, sigma, ref['mu'], ref['sigma'])},
+          'feature_net': ext.feature_net,
+          'reference': {**ref['key'], 'cache': ref['path']},
+          'settings': dict(settings)}

@@ -84,7 +84,7 @@ TORCH_WEIGHTS_SHA256 = ('6726825d0af5f729cebd5821db510b11'
 OFFICIAL_NPZ_SHA256: str | None = None
 META_KEY = weights_io.META_KEY  # JSON provenance record inside a .npz
 UNVERIFIED = 'unverified'  # feature-net name suffix for unverified weights
-CPU_BATCH = 8  # images per jitted call on XLA:CPU (`default_batch_size`)
+CPU_BATCH = 4  # images per jitted call on XLA:CPU (`default_batch_size`)
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,10 @@ NFE > NFE. Inexact counts (a `while` loop of unknown trip count) are flagged
 Every record also carries its provenance: the feature network and the sha256
 of its weights, a digest of the reference statistics' key, and the
 evaluator's settings (`eval_settings`), so rows of different feature spaces
-are never ranked together (leaderboard.py).
+are never ranked together (leaderboard.py). A score in a second feature
+space of the same samples (FD_DINOv2, `image_eval.score_images`'
+`extra_records`) becomes a second record for the same (eval, nfe), with the
+same sampling cost and its own provenance.
 """
 
 from __future__ import annotations
@@ -165,10 +168,12 @@ def reference_forward(model: ml_collections.ConfigDict,
 
 
 def provenance(metrics: dict[str, Any], dataset: Dataset,
-               ev: ml_collections.ConfigDict) -> dict[str, Any]:
+               ev: ml_collections.ConfigDict,
+               net: str | None = None) -> dict[str, Any]:
   """Feature space + reference statistics + evaluator settings of a score.
 
   Pops the evaluator's `reference` and `settings` entries from `metrics`.
+  `net` overrides the eval's feature net (an extra record's own space).
   `ref_stats` is a 12-hex digest of the reference key (dataset, split, n,
   content hash, feature net, weights hash): equal digests mean the same
   statistics. Toy 2D data is scored against a fresh exact sample of the law.
@@ -183,7 +188,8 @@ def provenance(metrics: dict[str, Any], dataset: Dataset,
     weights = str(ref.get('weights_sha256', ''))[:16]
   digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str)
                           .encode()).hexdigest()[:12]
-  out = {'feature_net': feature_net(dataset, ev), 'feature_weights': weights,
+  out = {'feature_net': net or feature_net(dataset, ev),
+         'feature_weights': weights,
          'ref_stats': digest,
          'eval_settings': ';'.join(f'{k}={settings[k]}'
                                    for k in sorted(settings))}
@@ -228,8 +234,25 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           from onestep_bench import plots  # pylint: disable=g-import-not-at-top
           plots.image_grid(samples, os.path.join(workdir,
                                                  f'samples_nfe{nfe}.png'))
-      rec['metrics'] = score(samples, dataset, seed, ev)
-      rec.update(provenance(rec['metrics'], dataset, ev))
-      logging.info('eval %s nfe=%d: %s', name, nfe, rec['metrics'])
+      metrics = score(samples, dataset, seed, ev)
+      extra = metrics.pop('extra_records', [])
+      rec['metrics'] = metrics
+      rec.update(provenance(metrics, dataset, ev))
+      logging.info('eval %s nfe=%d: %s', name, nfe, metrics)
       records.append(rec)
+      for x in extra:  # e.g. FD_DINOv2: same samples, its own feature space
+        m = {**x['metrics'], 'reference': x['reference'],
+             'settings': x['settings']}
+        other = {k: v for k, v in rec.items() if k not in (
+            'metrics', 'reference', *provenance_keys())}
+        other['metrics'] = m
+        other.update(provenance(m, dataset, ev, net=x['feature_net']))
+        logging.info('eval %s nfe=%d (%s): %s', name, nfe,
+                     x['feature_net'], m)
+        records.append(other)
   return records
+
+
+def provenance_keys() -> tuple[str, ...]:
+  """The record keys `provenance` sets."""
+  return ('feature_net', 'feature_weights', 'ref_stats', 'eval_settings')
