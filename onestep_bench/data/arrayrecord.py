@@ -15,8 +15,10 @@ One split of a dataset is two files in one directory:
 
 Write with `write_split` or the converter (any harness image set):
 `python -m onestep_bench.data.arrayrecord --dataset=digits --out=DIR`.
-Read with `ArrayRecordSource` (random access; grain's `ArrayRecordDataSource`
-underneath) or `load_splits` (whole splits into memory, the device path).
+Read with `ArrayRecordSource` (random access through array_record's
+thread-safe reader; `read_batch` decodes a whole batch with one structured
+`np.frombuffer`) or `load_splits` (whole splits into memory, the device
+path).
 uint8 arrays are images (kind 'image'); float arrays are latents ('latent').
 """
 
@@ -145,31 +147,38 @@ class ArrayRecordSource:
   """Random-access source over one split: index -> {'x': array, 'y': int32}.
 
   Implements grain's `RandomAccessDataSource` protocol (`__len__`,
-  `__getitem__`) plus batched reads (`_getitems`, one parallel ArrayRecord
-  read for a whole batch). Thread-safe, as grain's prefetch threads need.
+  `__getitem__`) plus `read_batch(indices)` (one ArrayRecord read and one
+  vectorised decode per batch: ~3x faster than per-record reads, measured).
+  Thread-safe (one shared reader, as array_record's own data source does),
+  as grain's prefetch threads need.
   """
 
   def __init__(self, directory: str, split: str):
-    import grain  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     self.directory, self.split = directory, split
     self.meta = read_sidecar(directory, split)
     self.shape = tuple(self.meta['shape'])
     self.dtype = np.dtype(self.meta['dtype'])
     self.num_classes = int(self.meta['num_classes'])
     self._nbytes = _LABEL.itemsize + math.prod(self.shape) * self.dtype.itemsize
+    self._record = np.dtype([('y', _LABEL), ('x', self.dtype, self.shape)])
+    assert self._record.itemsize == self._nbytes  # packed, no padding
     path = record_path(directory, split)
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} is missing (its sidecar exists); '
                               'rewrite the split with `python -m '
                               'onestep_bench.data.arrayrecord`.')
-    self._records = grain.sources.ArrayRecordDataSource(path)
-    if len(self._records) != self.meta['count']:
+    # No read-ahead: random access (as array_record's ArrayRecordDataSource).
+    self._reader = array_record_module.ArrayRecordReader(
+        path, 'readahead_buffer_size:0')
+    self._len = int(self._reader.num_records())
+    if self._len != self.meta['count']:
       raise ArrayRecordFormatError(
-          f'{path} holds {len(self._records)} records, its sidecar says '
+          f'{path} holds {self._len} records, its sidecar says '
           f'{self.meta["count"]}; the files do not belong together.')
 
   def __len__(self) -> int:
-    return len(self._records)
+    return self._len
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({self.directory!r}, {self.split!r})'
@@ -179,35 +188,32 @@ class ArrayRecordSource:
     m = self.meta
     return f'arrayrecord:{m["name"]}/{m["split"]}:{m["count"]}:{m["sha256"]}'
 
-  def decode(self, rec: bytes) -> dict[str, np.ndarray]:
-    """One record -> {'x': [*shape] array, 'y': int32 scalar}."""
-    if len(rec) != self._nbytes:
+  def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """{'x': [k, *shape] (native byte order), 'y': [k] int32} of `indices`."""
+    indices = [int(i) for i in indices]
+    if indices and not 0 <= min(indices) <= max(indices) < self._len:
+      raise IndexError(f'{self!r}: indices outside [0, {self._len}).')
+    recs = self._reader.read(indices)
+    bad = [len(r) for r in recs if len(r) != self._nbytes]
+    if bad:
       raise ArrayRecordFormatError(
-          f'{record_path(self.directory, self.split)}: a record of '
-          f'{len(rec)} bytes, expected {self._nbytes} (8-byte label + '
-          f'{self.shape} {self.dtype}).')
-    y = np.frombuffer(rec, _LABEL, count=1)[0]
-    x = np.frombuffer(rec, self.dtype, offset=_LABEL.itemsize)
-    return {'x': x.reshape(self.shape), 'y': np.int32(y)}
+          f'{record_path(self.directory, self.split)}: a record of {bad[0]} '
+          f'bytes, expected {self._nbytes} (8-byte label + {self.shape} '
+          f'{self.dtype}).')
+    rows = np.frombuffer(b''.join(recs), self._record)
+    return {'x': rows['x'].astype(self.dtype.newbyteorder('=')),
+            'y': rows['y'].astype(np.int32)}
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return self.decode(self._records[index])
-
-  def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-    return [self.decode(r) for r in self._records.__getitems__(indices)]
-
-  __getitems__ = _getitems
+    b = self.read_batch([index])
+    return {'x': b['x'][0], 'y': b['y'][0]}
 
   def read_all(self) -> tuple[np.ndarray, np.ndarray]:
     """The whole split: ([N, *shape] array in native byte order, [N] int32)."""
-    n = len(self)
-    xs = np.empty((n, *self.shape), self.dtype.newbyteorder('='))
-    ys = np.empty((n,), np.int32)
-    step = 4096
-    for lo in range(0, n, step):
-      for i, r in enumerate(self._getitems(range(lo, min(n, lo + step)))):
-        xs[lo + i], ys[lo + i] = r['x'], r['y']
-    return xs, ys
+    parts = [self.read_batch(range(lo, min(self._len, lo + 4096)))
+             for lo in range(0, self._len, 4096)]
+    return (np.concatenate([p['x'] for p in parts]),
+            np.concatenate([p['y'] for p in parts]))
 
 
 def load_splits(directory: str, expect_name: str | None = None

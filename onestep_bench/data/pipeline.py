@@ -4,19 +4,21 @@ For datasets that do not fit in device memory. The default path
 (`'device'`, data/images.py) keeps the training split on every device and
 draws batches inside the jitted step; this one reads them on the host:
 
-1. Order. A random-access source (data/sources.py, data/arrayrecord.py) is
-   wrapped in `grain.MapDataset.source(...).shuffle(seed).repeat()`: a global
-   permutation per epoch (grain's index shuffle, seeded with `shuffle_seed(
-   config.seed) + epoch`), epochs concatenated. Global position p holds
-   example `perm_{p // N}(p mod N)`, so every example is seen exactly once
-   per epoch, and a batch may straddle two epochs (nothing is dropped).
+1. Order. `grain.MapDataset.range(N).shuffle(seed).repeat()`: a global
+   permutation of the N example indices per epoch (grain's index shuffle,
+   seeded with `shuffle_seed(config.seed) + epoch`), epochs concatenated.
+   Global position p holds example `perm_{p // N}(p mod N)`, so every
+   example is seen exactly once per epoch, and a batch may straddle two
+   epochs (nothing is dropped).
 2. Batches. The global batch of step s is positions [s B, (s + 1) B). With
    P processes, process q loads only rows [q b, (q + 1) b) of it (b = B / P):
    `ds.batch(b)[q::P]`, grain's own per-shard slicing with
    `ShardOptions(shard_index=q, shard_count=P)`. q is the block of the batch
    that this process's devices hold in the mesh's batch sharding
    (`process_shard`), so the global batch, and the run, are the same for
-   every process count.
+   every process count. A `.map` then reads the b examples from the
+   random-access source (data/sources.py, data/arrayrecord.py) in one
+   `read_batch` call where the source has one.
 3. Prefetch. `to_iter_dataset(ReadOptions(threads, prefetch))` reads the
    next `grain_prefetch` local batches in `grain_threads` threads while the
    step runs; the train loop also places the next chunk on the devices
@@ -37,6 +39,7 @@ jitted step, keyed by the step's data key (data/streamed.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 from onestep_bench import config_check, sharding
 from onestep_bench.config_check import ConfigError
+from onestep_bench.data import sources
 
 PIPELINES = ('device', 'grain')
 DEFAULT_THREADS = 4
@@ -133,10 +137,12 @@ def local_batches(source: Any, *, global_batch: int, seed: int,
   if global_batch % count:
     raise ValueError(f'config.train.batch_size={global_batch} is not '
                      f'divisible by the {count} processes; change it.')
-  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed(seed))
-  ds = ds.repeat()
-  return ds.batch(global_batch // count, drop_remainder=True)[
+  order = grain.MapDataset.range(len(source)).shuffle(
+      seed=shuffle_seed(seed)).repeat()
+  rows = order.batch(global_batch // count, drop_remainder=True)[
       shard.shard_index::count]
+  return rows.map(functools.partial(sources.read_rows, source))
+
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -129,6 +129,18 @@ def tfds_splits(name: str) -> tuple[str, ...]:
   return ('train', 'validation') if name == 'imagenet64' else ('train', 'test')
 
 
+def read_rows(source: Any, indices: Any) -> dict[str, np.ndarray]:
+  """{'x': [k, ...], 'y': [k] int32} of examples `indices` of a source.
+
+  One `read_batch` call where the source has one, else one read per index.
+  """
+  if hasattr(source, 'read_batch'):
+    return source.read_batch(indices)
+  rows = [source[int(i)] for i in indices]
+  return {'x': np.stack([np.asarray(r['x']) for r in rows]),
+          'y': np.asarray([r['y'] for r in rows], np.int32)}
+
+
 class TfdsSource:
   """A `tfds.data_source` split as index -> {'x': uint8 image, 'y': int32}.
 
@@ -181,6 +193,13 @@ class ArraySource:
     x = self.examples[index]
     return {'x': np.asarray(x, np.float32) if self._float else x,
             'y': self.labels[index]}
+
+  def read_batch(self, indices: Any) -> dict[str, np.ndarray]:
+    """{'x': [k, ...], 'y': [k]} of `indices` (one fancy-indexed read)."""
+    idx = np.asarray(indices, np.int64)
+    x = self.examples[idx]
+    return {'x': np.asarray(x, np.float32) if self._float else x,
+            'y': self.labels[idx]}
 
   def __repr__(self) -> str:
     return f'ArraySource({self.name!r}, {self.split!r})'

@@ -71,9 +71,7 @@ class StreamedImages:
     return {}
 
   def _read(self, split: str, idx: Any) -> dict[str, np.ndarray]:
-    rows = [self.splits[split][int(i)] for i in idx]
-    return {'x': np.stack([np.asarray(r['x']) for r in rows]),
-            'y': np.asarray([r['y'] for r in rows], np.int32)}
+    return sources.read_rows(self.splits[split], idx)
 
   def sample(self, key: jax.Array, n: int,
              arrays: dict[str, Any] | None = None, *,
@@ -122,7 +120,9 @@ class StreamedImages:
       if hasattr(src, 'read_all'):
         self._cache[split] = src.read_all()
       elif isinstance(src, sources.ArraySource):
-        self._cache[split] = (np.asarray(src.examples), src.labels)
+        x = src.examples
+        self._cache[split] = (np.asarray(x, np.float32 if x.dtype != np.uint8
+                                         else np.uint8), src.labels)
       else:
         d = self._read(split, range(len(src)))
         self._cache[split] = (d['x'], d['y'])
