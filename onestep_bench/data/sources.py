@@ -172,9 +172,9 @@ class TfdsSource:
 class ArraySource:
   """In-memory (or memory-mapped) arrays as a random-access source.
 
-  Index -> {'x': examples[i], 'y': int32 label}; `examples` may be an
-  `np.load(..., mmap_mode='r')` array, so a `.npy` larger than host memory
-  streams from disk. Float examples are read as float32.
+  Index -> {'x': examples[i], 'y': int32 label}; `examples` may be a
+  memory-mapped `.npy` array (mmap_mode='r'), so a file larger than host
+  memory streams from disk. Float examples are read as float32.
   """
 
   def __init__(self, examples: np.ndarray, labels: np.ndarray, name: str,
