@@ -28,24 +28,35 @@ Head training (conditional FM on Y | X_τ, one (s, Y_0) draw per token):
   L(θ) = E_{τ, X_0, X_1} (1/n) Σ_i E_{s, Y_0} ‖g_θ(Y^i_s, s, t, h^i)
                                                 - (Y^i - Y^i_0)‖²
 (MSE averaged over tokens and dims, spec §2.3). Sampling, T transitions:
-  for k = 0..T-1: h = f_θ(X_{τ_k}, 1 - τ_k); Y ~ N(0, I); N Euler steps
-  Y ← Y + g_θ(Y, j/N, t, h)/N, j = 0..N-1; X ← X + Y/T.
+  for k = 0..T-1: h = f_θ(X_{τ_k}, 1 - τ_k); Y ~ N(0, I); integrate
+  dY/ds = g_θ(Y, s, t, h) over s ∈ [0, 1] in N steps; X ← X + Y/T.
+The head solver is `head_sampler`: 'euler' (the paper's, Y ← Y + g/N) or
+'midpoint' (default; Y ← Y + g(Y + g(Y, s_j)/2N, s_j + 1/2N)/N, 2 head
+evaluations per step), or 'heun'. Euler under-disperses the kernel: with
+the exact closed-form kernel of toy2d:gaussian, Euler x 8 gives a head
+output covariance 28-39 % short of Cov(Y | X_τ) and samples 29 / 23 / 15 %
+short of the data covariance (trace) at T = 1 / 2 / 4; midpoint x 4 (the
+same 8 evaluations) is within 1.3 % (tests/test_transition_matching.py
+§2, docs/methods/transition_matching.md §2.6).
 Link to FM (eq. 14, Thm. 1): E[Y | X_τ] = E[X_1 - X_0 | z_t] = -v_FM(z_t, t),
 so the *mean* DTM step is FM's Euler step; with an exact head DTM samples
 exactly at any T (spec §2.9.1), and a 1-step Euler head gives back FM-Euler.
 
-Design (the shared backbones return an x-shaped output): the backbone is
-`models.build(config.model, spec')` with spec' = the data spec with
-`rep_dim` channels (per pixel for images, per vector for toy data); X_τ is
-zero-padded to rep_dim channels on input and the output is the
-representation h. The head is the MAR-style MLP of paper §2.5 (input
-Linear, AdaLN residual blocks, AdaLN final layer; condition = Linear(h^i)
-+ t-embedding, computed once per transition, + s-embedding per head step).
-Params are {'backbone': ..., 'head': ...}, so the default train_step / EMA
-apply. `apply` (one backbone forward, X_τ -> h) is what the evaluator
-counts as one NFE; sampling FLOPs include every head step, so effective
-NFE = T·(1 + N·c_head/c_backbone) (+ the per-transition head context).
-`nfe` = T = backbone calls; N = `head_steps`.
+Design: what the head reads is `head_input`. 'hidden' (default, paper §2.5:
+the head replaces the backbone's final layer): the backbone's last hidden
+activation (`features` of the shared backbones, their output layer unused:
+MLP: last hidden layer; U-Net: the last decoder map, head_patch² pixels of
+it per token; DiT: its final tokens, (head_patch / patch_size)² per head
+token). 'output': the backbone is `models.build(config.model, spec')` with
+spec' = the data spec with `rep_dim` channels; X_τ is zero-padded to
+rep_dim channels and the output is h. The head is the MAR-style MLP of
+paper §2.5 (input Linear, AdaLN residual blocks, AdaLN final layer;
+condition = Linear(h^i) + t-embedding, computed once per transition, +
+s-embedding per head evaluation). Params are {'backbone': ..., 'head': ...},
+so the default train_step / EMA apply. `nfe` = T = backbone calls; the
+evaluator counts sampling FLOPs from the jitted sampler, so effective NFE
+= T·(c_pass + c_ctx + E·c_head)/c_ref with E = N x (evaluations per step)
+head evaluations, c_ref the protocol's reference backbone forward.
 
 Classes (optional): labels are dropped to the null class with
 `class_dropout`; with guidance w ≠ 1 the conditional and null backbones run
@@ -83,7 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
       # backbone's final layer): the last hidden activation, per token
       # (MLP: last hidden layer, width 128 on toy; U-Net: the last decoder
       # map, head_patch² pixels of it; DiT: its final tokens). 'output'
-      # (this file before 2026-xx): a backbone with rep_dim output channels.
+      # (the earlier design): a backbone with rep_dim output channels.
+      # Toy evidence (8gaussians, bench, seed 0, one run each, midpoint x 4
+      # head on both): sliced W2 T=1/2/4 'hidden' 0.160 / 0.099 / 0.091,
+      # 'output' 0.134 / 0.087 / 0.098 -- inside the seed spread (the
+      # 'output' + Euler x 8 config over seeds 0-2: T=1 0.142-0.192, T=4
+      # 0.056-0.096), so the paper's design is kept; images not run yet.
       head_input='hidden',
       # head_input='output' only: representation channels of the backbone
       # output (per pixel / per sample); X_τ is zero-padded to this width.
@@ -96,16 +112,26 @@ def get_config() -> ml_collections.ConfigDict:
       # backbone's params, c_head/c_backbone ≈ 0.04, spec §2.6). [I] toy:
       # 2 blocks of width 32, c_head/c_backbone ≈ 0.13 (the toy backbone is
       # tiny). Width 64 is better at T = 1-2 but 4x the head cost
-      # (8gaussians energy distance T=1/2/4, 8 head steps: w32 0.017 /
-      # 0.0020 / 0.0016 at effective NFE 2.0/4.1/8.2; w64 0.0059 / 0.00006
-      # / 0.0007 at 5.1/10.2/20.4).
+      # (measured with the earlier 'output' + Euler x 8 head: 8gaussians
+      # energy distance T=1/2/4: w32 0.017 / 0.0020 / 0.0016 at effective
+      # NFE 2.0/4.1/8.2; w64 0.0059 / 0.00006 / 0.0007 at 5.1/10.2/20.4).
       head_width=32,
       head_depth=2,
       head_freq_dim=32,  # sinusoidal width of the s/t embedders (as model)
-      # Euler steps of the head per transition (paper main tables: 64;
-      # quality saturates at 4 for T=16, Tab. 10; 1 head step = FM-Euler).
-      # [I] toy: 8 (w32, T=1/2: 4 steps 0.028 / 0.0037, 8 steps 0.017 /
-      # 0.0020, 16 steps 0.014 / 0.0015).
+      # Head ODE solver and its steps per transition. Paper: 'euler', 64
+      # steps in the main tables (quality saturates at 4 for T = 16, Tab.
+      # 10; 1 Euler step = FM-Euler). [I] 'midpoint' x 4 = 8 head
+      # evaluations, the cost of the earlier Euler x 8, chosen on the exact
+      # kernel of toy2d:gaussian (head output covariance / Cov(Y | X_τ),
+      # eigenvalues at τ = 0, 0.5, 0.75): Euler 8 / 16 / 64 / 256 evals
+      # 0.61-0.72 / 0.79-0.85 / 0.94-0.96 / 0.985-0.99; midpoint 4 / 8 / 16
+      # evals 0.84-0.98 / 0.987-0.996 / 0.998-0.999; Heun 8 / 16 evals
+      # 0.94-1.07 / 0.987-1.03. Samples vs Σ (200k, T = 1/2/4, trace):
+      # Euler x 8 0.71 / 0.77 / 0.85, midpoint x 4 0.998 / 0.995 / 0.999.
+      # Learned 8gaussians model (bench, seed 0, 'output' head), same
+      # weights: sliced W2 T=1/2/4 Euler x 8 0.142 / 0.087 / 0.096,
+      # midpoint x 4 0.134 / 0.087 / 0.098, Euler x 64 0.131 / 0.084 /
+      # 0.094 (at 4.5x the head cost).
       head_steps=4,
       head_sampler='midpoint',
       # (s, Y_0) draws per token per backbone pass (paper: 1; MAR uses 4).
@@ -117,10 +143,12 @@ def get_config() -> ml_collections.ConfigDict:
 
 # Image overrides of `get_config` (digits / Fashion-MNIST with the small
 # U-Net of experiments/bench.py). [I], untuned (no image run yet): 2x2 head
-# tokens as the paper; 8 representation channels per pixel (32 per token;
-# the zero-padded input / wider output convs add 3% to the U-Net's FLOPs);
-# a 2 x 48 head, c_head/c_backbone ≈ 0.11, so 8 head steps make the
-# effective NFE ≈ 1.9 T.
+# tokens as the paper; the head reads 2x2 pixels of the U-Net's last
+# decoder map (16 channels: 64 per token); a 2 x 48 head, c_head/c_backbone
+# ≈ 0.11, so midpoint x 4 (8 head evaluations) makes the effective NFE
+# 1.94 T on digits (the earlier 'output' + Euler x 8 head: 1.97 T). rep_dim
+# = 8 (32 per token) serves head_input='output' only (its zero-padded input
+# / wider output convs add 3% to the U-Net's FLOPs).
 IMAGE_PRESET = dict(rep_dim=8, head_patch=2, head_width=48, head_depth=2,
                     head_steps=4)
 
@@ -236,7 +264,7 @@ def divisors(n: int) -> tuple[int, ...]:
 
 
 class Method(base.Method):
-  """DTM: T backbone passes, each followed by `head_steps` head Euler steps."""
+  """DTM: T backbone passes, each followed by a `head_steps`-step head ODE."""
 
   supported_nfe = base.AnyNFE()  # continuous τ; see __init__ for train_T
   # The head's inner steps cost FLOPs on top of the T backbone passes: the
@@ -460,7 +488,11 @@ class Method(base.Method):
 
   # ------------------------------------------------------------- sampling
   def sample(self, params, key, n, *, nfe, labels=None, guidance=None):
-    """T = nfe transitions (T backbone calls), `head_steps` head steps each."""
+    """T = nfe transitions (T backbone calls), each a head ODE solve.
+
+    `head_steps` steps of `head_sampler` (midpoint / heun: 2 head
+    evaluations per step) per transition.
+    """
     self.check_nfe(nfe)
     big_t, big_n = nfe, self.mcfg.head_steps
     guided = (labels is not None and guidance is not None
