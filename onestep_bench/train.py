@@ -303,11 +303,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    built.arrays)
   feed = None  # host-fed batches (config.data.pipeline='grain')
   if getattr(dataset, 'host_fed', False):
-    dc = config.data
+    threads, prefetch = (config.data.get(k) for k in ('grain_threads',
+                                                       'grain_prefetch'))
     feed = pipeline.Feed(
         dataset.train_source, global_batch=tc.batch_size, seed=config.seed,
-        mesh=mesh, threads=dc.get('grain_threads', pipeline.DEFAULT_THREADS),
-        prefetch=dc.get('grain_prefetch', pipeline.DEFAULT_PREFETCH))
+        mesh=mesh,
+        threads=pipeline.DEFAULT_THREADS if threads is None else threads,
+        prefetch=prefetch or pipeline.DEFAULT_PREFETCH)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(workdir, config, is_main)
   writer = writers.create_writer(workdir, is_main=is_main)
