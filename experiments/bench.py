@@ -144,8 +144,11 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = int(args['seed'])
   c.protocol = 'smoke' if smoke else 'bench'
+  # pipeline: 'device' (the split on every device; small sets) or 'grain'
+  # (host-fed from disk: docs/data_pipeline.md).
   c.data = ml_collections.ConfigDict({'name': args['dataset'], 'dir': '',
-                                      'conditional': False, 'hflip': False})
+                                      'conditional': False, 'hflip': False,
+                                      'pipeline': 'device'})
   c.model = ml_collections.ConfigDict({**_METHOD_INPUTS, **proto['model']})
   c.train = ml_collections.ConfigDict(dict(
       num_steps=0, batch_size=0, lr=0.0, b1=0.9, b2=0.999, weight_decay=0.0,

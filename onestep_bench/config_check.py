@@ -204,6 +204,8 @@ def validate(config: ml_collections.ConfigDict, method: Any) -> None:
   check_train(config.train)
   check_model(config.model)
   check_data(config.data)
+  from onestep_bench.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.check_config(config, method)
   for name, ev in config.evals.items():
     check_eval(config, name, ev)
   if not isinstance(method, type):
