@@ -124,6 +124,41 @@ TOY_TAU_MAX_MIN = 0.1
 TOY_SEPARATION = 10.0
 FEATURES = ('auto', 'pixels', 'encoder', 'pixels+encoder')
 
+# Official recipes as `config.method` overrides; every value's source (repo,
+# file, line) and the train- / model-level values they come with (lr, batch
+# = classes x positives, EMA, style tokens, the MAE's depth) are tabled in
+# docs/methods/drifting.md §1.15. Apply with `config.method.update(...)`.
+# lambertae/drifting configs/gen/*.yaml + drift_loss.py (floor 1e-6, both
+# normalisations) + models/mae_model.py (`global` + every MAE key, all
+# locations: 32x32 maps = 1024).
+_OFFICIAL_IMAGENET = dict(
+    temperatures=(0.02, 0.05, 0.2), feature_norm=True, drift_norm=True,
+    affinity_floor=1e-6, features='pixels+encoder',
+    encoder_max_locations=1024, num_gen=64, cfg_alpha_max=4.0,
+    cfg_p_one=0.0)
+# configs/gen/latent_ablation.yaml + configs/mae/latent_ablation_256.yaml
+OFFICIAL_LATENT_ABLATION = dict(
+    _OFFICIAL_IMAGENET, classes_per_step=64, num_unc=16, cfg_alpha_power=3.0,
+    encoder_width=256, encoder_steps=30_000)
+# configs/gen/latent_sota_B.yaml + configs/mae/latent_640.yaml
+OFFICIAL_LATENT_B2 = dict(
+    _OFFICIAL_IMAGENET, classes_per_step=128, num_unc=32,
+    cfg_alpha_power=5.0, encoder_width=640, encoder_steps=200_000)
+OFFICIAL_LATENT_L2 = dict(  # configs/gen/latent_sota_L.yaml
+    OFFICIAL_LATENT_B2, cfg_alpha_power=3.0, cfg_p_one=0.5)
+# configs/gen/pixel_sota_{B,L}.yaml (the same method values; 128 positives
+# per class) + configs/mae/pixel_640.yaml; its ConvNeXt keys have no
+# counterpart here.
+OFFICIAL_PIXEL = dict(OFFICIAL_LATENT_B2)
+# lambertae.github.io projects/drifting/notebooks/drifting_model_demo.ipynb:
+# one τ = 0.05 on raw distances, no normalisation, 2048 gen + 2048 data.
+OFFICIAL_TOY = dict(
+    temperatures=(0.05,), feature_norm=False, drift_norm=False,
+    affinity_floor=0.0, num_gen=0, features='pixels', num_unc=0)
+PRESETS = dict(latent_ablation=OFFICIAL_LATENT_ABLATION,
+               latent_b2=OFFICIAL_LATENT_B2, latent_l2=OFFICIAL_LATENT_L2,
+               pixel=OFFICIAL_PIXEL, toy=OFFICIAL_TOY)
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Drifting defaults (official ImageNet recipe; toy-safe floor)."""

@@ -95,6 +95,34 @@ TEACHER_METHOD = 'flow_matching'
 # No image-specific options (experiments/bench.py applies IMAGE_PRESET).
 IMAGE_PRESET: dict[str, Any] = {}
 
+# Official recipes (NVlabs/FastGen) as `config.method` overrides; apply with
+# `config.method.update(...)`. Sources by key (fastgen/configs/...; lines
+# and the train-level values -- lr, batch, EMA, grad clip, the EDM time law
+# and discriminator, which have no method key here -- in
+# docs/methods/f_distill.md §3.12).
+FASTGEN_CIFAR10 = dict(  # experiments/EDM/config_f_distill_cifar10.py
+    f_div='kl',                  # ...cifar10.py:14
+    gan_weight=1e-3,             # methods/config_dmd2.py:40
+    student_update_freq=5,       # methods/config_dmd2.py:37
+    ratio_lower=0.1,             # methods/config_f_distill.py:28
+    ratio_upper=20.0,            # methods/config_f_distill.py:29
+    logit_clip=10.0,             # fastgen/methods/.../f_distill.py:67
+    ratio_normalization=True,    # methods/config_f_distill.py:32
+    ratio_bins=10,               # methods/config_f_distill.py:33
+    ratio_ema=0.0,               # methods/config_f_distill.py:34
+    gan_same_t_noise=False,      # methods/config_dmd2.py:43
+    disc_features='teacher',     # .../f_distill.py:146-153 (teacher feats)
+    teacher_guidance=None,       # config.py:105 (guidance_scale unset)
+    student_steps=1,             # config.py:141 (student_sample_steps)
+)
+FASTGEN_IMAGENET64 = dict(  # experiments/EDM/config_f_distill_in64.py
+    FASTGEN_CIFAR10,
+    f_div='js',                  # methods/config_f_distill.py:25 (default)
+    gan_weight=3e-3,             # ...in64.py:23
+    ratio_ema=0.5,               # ...in64.py:24
+)
+PRESETS = dict(cifar10=FASTGEN_CIFAR10, imagenet64=FASTGEN_IMAGENET64)
+
 
 def get_config() -> ml_collections.ConfigDict:
   """f-distill defaults: FastGen values where they exist, toy-2D safe."""

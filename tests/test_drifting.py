@@ -301,6 +301,30 @@ def test_validate_config_refuses_images(overrides, key, match):
   assert err.value.key == key
 
 
+@pytest.mark.parametrize('name', sorted(drifting.PRESETS))
+def test_official_presets_validate(name):
+  """Each official preset names get_config keys and passes validate_config.
+
+  Image presets on a class-conditional digits smoke config with CFG (the
+  official runs are), batch = classes_per_step x 64 positives; the toy
+  demo's on toy2d:8gaussians (raw units: no τ floor applies).
+  """
+  preset = drifting.PRESETS[name]
+  assert set(preset) <= set(drifting.get_config()), (
+      set(preset) - set(drifting.get_config()))
+  toy = name == 'toy'
+  config = bench.get_config('method=drifting,smoke=True,dataset='
+                            + ('toy2d:8gaussians' if toy else 'digits'))
+  config.method.update(preset)
+  if not toy:
+    config.update_from_flattened_dict({
+        'data.conditional': True, 'model.guidance_embed': True,
+        'train.batch_size': preset['classes_per_step'] * 64})
+  drifting.Method.validate_config(config)
+  for k, v in preset.items():
+    assert config.method[k] == v, k
+
+
 def test_separated_modes():
   assert drifting.separated_modes('8gaussians')
   assert drifting.separated_modes('8gaussians_imbalanced')

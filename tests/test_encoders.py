@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from flax import nnx
 
 from onestep_bench import data, encoders
 from onestep_bench.data import sources
+from onestep_bench.models import Functional
 
 TINY = dict(width=8, blocks=(1, 1), steps=80, batch=32, warmup=5)
 
@@ -150,6 +152,144 @@ def test_feature_values_and_gradient():
   assert np.all(np.abs(gx).sum(1) > 0), [k for k, g in zip(
       keys, gx, strict=True) if not np.abs(g).sum()]
   assert all(np.all(g == 0) for g in jax.tree.leaves(gp))
+
+
+def test_stride2_conv_is_centred_like_official():
+  """3×3 convs pad 1 px on every side (official mae_model.py `padding=1`).
+
+  With 'SAME' a stride-2 3×3 conv on an even size pads bottom / right only,
+  so output (i, j) is centred on input (2i+1, 2j+1) while the 1×1 stride-2
+  shortcut reads (2i, 2j): the residual sum is misaligned by one pixel.
+  """
+  x = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+  for k in (3, 1):  # main path (identity kernel) and shortcut
+    fn = Functional(lambda rngs, k=k: encoders.network.ConvGN(
+        1, 1, k, stride=2, rngs=rngs))
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape), fn.abstract())
+    params['conv']['kernel'] = params['conv']['kernel'].at[
+        k // 2, k // 2].set(1.0)
+    np.testing.assert_array_equal(fn.bind(params).conv(x), x[:, ::2, ::2])
+
+
+# ------------------------------------------- official feature dictionary
+def _official_dict(acts, x, *, pools=(2, 4)):
+  """The official feature dictionary, re-derived for parity checks.
+
+  lambertae/drifting `models/mae_model.py` `get_activations`: `norm_x` and,
+  per map, every location (`<map>`), `_mean`, `_std` and `_mean_<s>` /
+  `_std_<s>` whenever s divides the map (also s = map size: L = 1). `acts`
+  are the maps its `_ResNetEncoder` keeps (`_official_maps`). Float64,
+  under this package's key names (`<map>` -> `<map>/loc`, `_mean_<s>` ->
+  `/mean_<s>x<s>`).
+  """
+
+  def stats(a, axes):
+    var = ((a - a.mean(axes, keepdims=True))**2).mean(axes)
+    return a.mean(axes), np.sqrt(np.maximum(var, 0.0) + 1e-6)
+
+  x64 = np.asarray(x, np.float64)
+  out = {'norm_x': np.sqrt((x64**2).mean((1, 2)) + 1e-6)[:, None]}
+  for name, a in acts.items():
+    a = np.asarray(a, np.float64)
+    b, h, w, c = a.shape
+    out[f'{name}/loc'] = a.reshape(b, h * w, c)
+    m, s = stats(a, (1, 2))
+    out[f'{name}/mean'], out[f'{name}/std'] = m[:, None], s[:, None]
+    for p in pools:
+      if h % p == 0 and w % p == 0:
+        win = a.reshape(b, h // p, p, w // p, p, c).transpose(
+            0, 1, 3, 2, 4, 5).reshape(b, h * w // p**2, p * p, c)
+        out[f'{name}/mean_{p}x{p}'], out[f'{name}/std_{p}x{p}'] = stats(
+            win, (2,))
+  return out
+
+
+def _official_maps(enc, params, x, every_k=2):
+  """The maps official `_ResNetEncoder.__call__` keeps, on our weights.
+
+  conv1 (our `stem`), each layer<i> after its GroupNorm (`stage<i>`) and
+  the block outputs whose 1-based index is divisible by `every_k_block`
+  (a stage's last block included), named `stage<i>.block<j>` (official
+  `layer<i>_blk<j>`).
+  """
+  net = enc._net.bind(params)  # pylint: disable=protected-access
+  h = nnx.relu(net.stem(x))
+  maps, blocks = {'stem': h}, {}
+  for s, (stage, norm) in enumerate(zip(net.stages, net.stage_norms,
+                                        strict=True)):
+    for j, block in enumerate(stage, start=1):
+      h = block(h)
+      if j % every_k == 0:
+        blocks[f'stage{s + 1}.block{j}'] = h
+    h = norm(h)
+    maps[f'stage{s + 1}'] = h
+  return {**maps, **blocks}
+
+
+@pytest.fixture(scope='module')
+def official():
+  """One jitted pass on an init encoder (8×8, width 8, blocks (3, 2)).
+
+  Returns (enc, x, {'ref': official dict, 'got': ours (all locations),
+  'got_a': ours at 0.1·x}).
+  """
+  enc = _frozen((8, 8, 1), abstract=False, width=8, blocks=(3, 2))
+  enc.max_locations = 10**6
+  x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (3, 8, 8, 1)),
+                  jnp.float32)
+
+  def run(p, x):  # ours on [x; 0.1·x] in one batch (features are per image)
+    return _official_maps(enc, p, x), enc.features(
+        p, jnp.concatenate([x, 0.1 * x]))
+
+  maps, both = jax.device_get(jax.jit(run)(enc.params, x))
+  out = dict(got={k: v[:3] for k, v in both.items()},
+             got_a={k: v[3:] for k, v in both.items()})
+  out['ref'] = _official_dict(maps, x)
+  return enc, x, out
+
+
+def test_feature_dict_matches_official_logic(official):
+  """Same weights, same input: our keys are official ones, values equal.
+
+  The official keys we leave out are exactly (a) per-location / pooled maps
+  with L > max_locations, (b) pooled maps with L = 1 (duplicates of the
+  global mean / std, which the official sum counts twice) and (c) the last
+  block of a stage (its pre-GN output beside the stage output).
+  """
+  enc, _, out = official
+  ref, got = out['ref'], out['got']
+  for k, v in got.items():
+    np.testing.assert_allclose(v, ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  dupes = {k for k, v in ref.items() if '/' in k and '_' in k.split('/')[1]
+           and v.shape[1] == 1}
+  last = {k for k in ref if k.startswith('stage2.block2/')}
+  assert dupes and last
+  assert set(ref) - set(got) == dupes | last
+  for k in dupes:  # (b) really are duplicates
+    name, stat = k.split('/')
+    np.testing.assert_allclose(ref[k], ref[f'{name}/{stat.split("_")[0]}'])
+  enc.max_locations = 16  # (a): the 8×8 maps' per-location keys go
+  assert set(ref) - set(enc.feature_shapes()) == dupes | last | {
+      'stem/loc', 'stage1/loc', 'stage1.block2/loc'}
+
+
+def test_encoder_keys_are_blind_to_contrast(official):
+  """Every key but norm_x is invariant to x -> a·x (a > 0); so is official.
+
+  GroupNorm after every bias-free conv (official mae_model.py too) makes
+  the encoder scale-invariant, f(a·x) = f(x), hence ∇f(a·x) = ∇f(x) / a
+  and ∇f(x) ⟂ x: at low contrast a the encoder keys' gradient grows as 1/a
+  and has no radial part. This traps a zero-initialised generator at low
+  contrast (docs/methods/drifting.md §1.13); only `global` and `norm_x`
+  see the scale.
+  """
+  _, _, out = official
+  f1, fa = out['got'], out['got_a']
+  for k in f1:
+    a, b = np.asarray(f1[k]), np.asarray(fa[k])
+    rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+    assert (rel > 0.5) if k == 'norm_x' else (rel < 1e-3), (k, rel)
 
 
 def test_patch_mask():

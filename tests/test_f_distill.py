@@ -35,6 +35,21 @@ def _method(config):
   return ds, load_method(config, ds.spec)
 
 
+# -------------------------------------------------------------- presets
+@pytest.mark.parametrize('name', sorted(fd.PRESETS))
+def test_fastgen_presets_validate(name):
+  """Each FastGen preset names get_config keys and passes validate_config."""
+  preset = fd.PRESETS[name]
+  assert set(preset) <= set(fd.get_config()), (
+      set(preset) - set(fd.get_config()))
+  config = smoke_config('f_distill', 'digits',
+                        **{'method.allow_untrained_teacher': True})
+  config.method.update(preset)
+  fd.Method.validate_config(config)
+  for k, v in preset.items():
+    assert config.method[k] == v, k
+
+
 # ---------------------------------------------------------------- maths
 @pytest.mark.parametrize('name', ALL_F)
 @pytest.mark.parametrize('alpha', [0.5])

@@ -4,7 +4,8 @@ Architecture (docs/methods/drifting.md §1.5, scaled down): a 3×3 stride-1
 stem conv + GroupNorm + ReLU; stages of basic blocks (two 3×3 convs with
 GN, ReLU; a 1×1 conv + GN shortcut when the shape changes) with widths
 [C, 2C, 4C, ...], stride 2 in the first block of every stage after the
-first (SAME padding, so 7×7 → 4×4); GroupNorm on every stage output. GN
+first (k // 2 px padding on every side as the official `padding=1`, so
+7×7 → 4×4 and 8×8 → 4×4); GroupNorm on every stage output. GN
 groups: the largest divisor of the channel count ≤ `max_groups` (32) that
 leaves ≥ `min_group_channels` (8, the paper's 256 / 32) channels per group:
 at our widths (16-64) plain "≤ 32" would make GN an InstanceNorm and the
@@ -75,12 +76,16 @@ class ConvGN(nnx.Module):
 
   def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1,
                groups: GroupRule = GroupRule(), rngs: nnx.Rngs):
+    # k // 2 px on every side (official mae_model.py `padding=1` for 3×3,
+    # none for 1×1): a stride-2 output (i, j) is centred on input (2i, 2j),
+    # where the 1×1 shortcut reads. 'SAME' pads even sizes bottom / right
+    # only, which shifts the main path one pixel off the shortcut.
     self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
-                         padding='SAME', use_bias=False, rngs=rngs)
+                         padding=kernel // 2, use_bias=False, rngs=rngs)
     self.norm = groups.norm(cout, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, H, W, cin] -> [B, H / stride, W / stride, cout] (SAME)."""
+    """[B, H, W, cin] -> [B, ⌈H / stride⌉, ⌈W / stride⌉, cout]."""
     return self.norm(self.conv(x))
 
 

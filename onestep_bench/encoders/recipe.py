@@ -14,7 +14,8 @@ from onestep_bench.data.images import ImageArrays
 # Bump when a change to this package changes what a recipe trains or what
 # the cached arrays mean: the cache key includes it, so old files are not
 # reused.
-CODE_VERSION = 1
+# 2: convs pad k // 2 on every side (official `padding=1`), not 'SAME'.
+CODE_VERSION = 2
 
 # Deterministic pre-training recipe, sized for 2 CPU cores (the package
 # docstring and tests/test_encoders.py say what it costs). 'auto' entries
