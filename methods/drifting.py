@@ -182,9 +182,10 @@ def get_config() -> ml_collections.ConfigDict:
       # (the raw generator output: the `global` key, the only term of the
       # toy / robotics runs), 'encoder' (frozen encoder keys only), or
       # 'pixels+encoder' (official: `global` + the encoder's multi-scale
-      # keys). 'auto' = 'pixels' everywhere for now: with this harness's
-      # GroupNorm ResNet-MAE the encoder keys collapse image contrast
-      # (results/ablations/drifting_ablations__features.csv, digits, 1000
+      # keys). 'auto' = 'pixels' everywhere for now: the encoder keys are
+      # blind to contrast (GroupNorm, as the official MAE) and hold the
+      # zero-initialised generator at low contrast (spec §1.13; results/
+      # archive/ablations_v1/drifting_ablations__features.csv, digits, 1000
       # steps, classifier FID-10K: pixels 47.9, encoder 1412.7,
       # pixels+encoder 1355.7; samples have pixel std 0.05-0.07 vs 0.74).
       features='auto',
