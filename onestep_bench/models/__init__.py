@@ -8,6 +8,9 @@ and the harness can checkpoint / shard plain pytrees.
 
 Backbones (`config.model.name`; other keys are constructor options):
   'mlp'  -- models/mlp.py, any data (flattened), the toy-2D default.
+  'mlp_plain' -- models/mlp_plain.py, torchcfm's / the Drifting toy demo's
+            plain MLP (concatenated time, SELU or SiLU, PyTorch init), for
+            like-for-like comparisons with those peers (docs/perf_peers.md).
   'unet' -- models/unet.py, ADM-style U-Net for (H, W, C) images.
   'dit'  -- models/dit.py, DiT tiny/S/B/L/XL with TVM's options.
 """
@@ -62,6 +65,9 @@ def _backbone_class(name: str) -> tuple[type[nnx.Module], tuple[str, ...]]:
   if name == 'mlp':
     from onestep_bench.models.mlp import MLP
     return MLP, ('dim', 'num_classes')
+  if name == 'mlp_plain':
+    from onestep_bench.models.mlp_plain import MLPPlain
+    return MLPPlain, ('dim', 'num_classes')
   if name == 'unet':
     from onestep_bench.models.unet import UNet
     return UNet, ('shape', 'num_classes')
@@ -69,7 +75,7 @@ def _backbone_class(name: str) -> tuple[type[nnx.Module], tuple[str, ...]]:
     from onestep_bench.models.dit import DiT
     return DiT, ('shape', 'num_classes')
   raise ValueError(f'Unknown backbone config.model.name={name!r}. '
-                   f"Available: 'mlp', 'unet', 'dit'.")
+                   f"Available: 'mlp', 'mlp_plain', 'unet', 'dit'.")
 
 
 def options(name: str) -> dict[str, Any]:
@@ -96,7 +102,7 @@ def build(config: ml_collections.ConfigDict, spec: DataSpec) -> Backbone:
         f'Unknown option(s) for backbone {config.name!r}: '
         + ', '.join(f'config.model.{k}' for k in unknown)
         + '. Valid keys: ' + ', '.join(sorted(valid)) + '.')
-  if config.name == 'mlp':
+  if config.name in ('mlp', 'mlp_plain'):  # flattened data
     dim = math.prod(spec.shape)
     return Backbone(lambda rngs: cls(dim, num_classes=spec.num_classes,
                                      rngs=rngs, **kwargs))
