@@ -79,17 +79,24 @@ def headline(tables: Tables) -> dict[tuple[str, str], tuple[list[Row], str]]:
 
 
 def winners(rows: Sequence[Row], metric: str) -> list[dict[str, Any]]:
-  """Per NFE: best, tied (p >= alpha), worse, untested (n < 2)."""
-  marks = rankings.significance(rows, metric, arrow(metric) == '↓')
+  """Per NFE: best mean, best tested (>= 2 seeds), tied, worse, untested.
+
+  Ties and gaps are against the best row with >= 2 seeds (p >= alpha: a
+  tie); single-seed rows are untested even when their mean is the best.
+  """
   out = []
   for nfe in sorted({r['nfe'] for r in rows}, key=int):
     rs = [r for r in rows if r['nfe'] == nfe]
-    best = next(r for r in rs if marks[id(r)] == 'best')
+    tested = [r for r in rs if int(r['n_seeds']) >= 2]
+    marks = rankings.significance(tested, metric, arrow(metric) == '↓')
+    best_all = rankings.significance(rs, metric, arrow(metric) == '↓')
     out.append(dict(
-        nfe=nfe, best=best,
-        tied=[r for r in rs if marks[id(r)].startswith('≈')],
-        worse=[r for r in rs if marks[id(r)].startswith('worse')],
-        untested=[r for r in rs if marks[id(r)] == '?']))
+        nfe=nfe, best=next(r for r in rs if best_all[id(r)] == 'best'),
+        best_tested=next((r for r in tested if marks[id(r)] == 'best'),
+                         None),
+        tied=[r for r in tested if marks[id(r)].startswith('≈')],
+        worse=[r for r in tested if marks[id(r)].startswith('worse')],
+        untested=[r for r in rs if int(r['n_seeds']) < 2]))
   return out
 
 
@@ -128,18 +135,24 @@ def tuning_records(results_dir: str) -> list[dict[str, Any]]:
 def _who_wins(head: Mapping[tuple[str, str], tuple[list[Row], str]]
               ) -> list[str]:
   out = ['## Who wins where', '',
-         'Eval `main`, per headline table and NFE. *Tied*: not '
-         'significantly different from the best (Welch t over seeds, '
-         f'p ≥ {rankings.ALPHA}); *untested*: fewer than 2 seeds on a side, '
-         'so no claim either way.', '',
-         '| dataset | protocol | metric | NFE | best | tied with best | '
-         'significantly worse | untested |', '|---' * 8 + '|']
+         'Eval `main`, per headline table and NFE. *Best tested*: the best '
+         'row with ≥ 2 seeds; *tied*: not significantly different from it '
+         f'(Welch t over seeds, p ≥ {rankings.ALPHA}); *single-seed*: rows '
+         'that cannot be tested yet (no claim either way, even when their '
+         'mean is the best).', '',
+         '| dataset | protocol | metric | NFE | best mean | best tested | '
+         'tied with it | significantly worse | single-seed |',
+         '|---' * 9 + '|']
+
+  def names(rs: Sequence[Row]) -> str:
+    return ', '.join(r['method'] for r in rs) or '–'
   for (ds, proto), (rows, m) in sorted(head.items()):
     for w in winners(rows, m):
-      names = lambda rs: ', '.join(r['method'] for r in rs) or '–'  # noqa: E731
+      bt = w['best_tested']
       out.append(f'| {ds} | {proto} | {m} | {w["nfe"]} | '
                  f'{w["best"]["method"]} {_fmt(w["best"], m)} | '
-                 f'{names(w["tied"])} | {names(w["worse"])} | '
+                 f'{"–" if bt is None else bt["method"] + " " + _fmt(bt, m)}'
+                 f' | {names(w["tied"])} | {names(w["worse"])} | '
                  f'{names(w["untested"])} |')
   return [*out, '']
 
