@@ -16,6 +16,13 @@ Bounded cost: a map key is produced only when its L ≤ `max_locations`
 (default 196 = 14²); a p×p map over a p×p feature map (L = 1) is skipped
 because it equals the global mean / std. The raw-pixel `global` term of A.5
 is the caller's (raw input), not the encoder's.
+
+Official counterpart: lambertae/drifting `models/mae_model.py`
+`get_activations` (same keys and values on the same maps; it also keeps
+every location, the L = 1 pooled duplicates and a stage's last block:
+tests/test_encoders.py re-derives it, docs/methods/drifting.md §1.5). Every
+key but `norm_x` is invariant to the input's contrast x -> a·x (GroupNorm
+after bias-free convs, also official), see §1.13.
 """
 
 from __future__ import annotations
