@@ -237,7 +237,8 @@ def test_head_sampler_variance_with_the_exact_kernel(sampler, steps, exact):
 
 
 @pytest.mark.parametrize('nfe,sampler,steps', [
-    (1, 'default', None), (1, 'euler', 8),
+    (1, 'default', None),
+    pytest.param(1, 'euler', 8, marks=pytest.mark.slow),  # head test above
     pytest.param(2, 'default', None, marks=pytest.mark.slow),
     pytest.param(4, 'default', None, marks=pytest.mark.slow)])
 def test_exact_kernel_samples_data_at_any_T(nfe, sampler, steps):
@@ -263,7 +264,8 @@ def test_exact_kernel_samples_data_at_any_T(nfe, sampler, steps):
 
 
 @pytest.mark.parametrize('nfe,head_steps,sampler', [
-    (1, 1, 'euler'), (2, 3, 'euler'), (4, 2, 'euler'), (2, 3, 'midpoint')])
+    (1, 1, 'euler'), (2, 3, 'euler'), (4, 2, 'euler'),
+    pytest.param(2, 3, 'midpoint', marks=pytest.mark.slow)])
 def test_mean_head_gives_flow_matching_euler(nfe, head_steps, sampler):
   """Eq. 14 / Thm. 1: a head that samples the point mass E[Y | X_τ] = -v
   (u = (m - y)/(1 - s), exact under Euler and midpoint, whose stages stop
