@@ -54,12 +54,13 @@ SPACES: dict[str, dict[str, tuple]] = {
                                          (0.02, 0.05, 0.2, 0.5)),
                  'method.feature_norm': (True, False),
                  'method.drift_norm': (True, False)},
-    # DTM (Shaul et al. 2025): head steps (Tab. 10), head width, backbone
-    # representation width.
+    # DTM (Shaul et al. 2025): head solver steps (Tab. 10; midpoint: 2
+    # evaluations each), head width, and the head's input (the backbone's
+    # hidden features, the paper's way, or its output).
     'transition_matching': {**_LR,
-                            'method.head_steps': (4, 8, 16),
+                            'method.head_steps': (2, 4, 8),
                             'method.head_width': (32, 64),
-                            'method.rep_dim': (16, 32)},
+                            'method.head_input': ('hidden', 'output')},
     # iMF (Geng, Lu et al. 2025): the v-head ablation (auxiliary head vs
     # the boundary u(z, t, t)); the r = t fraction and adaptive-weight power
     # are MeanFlow's Tab. 1a / 1e axes on iMF's keys (official 0.5, 1.0).
