@@ -9,8 +9,8 @@ Override any key with `--config.<dotted.key>=value`; unknown keys fail before
 anything compiles. In a `bench` run every method gets the same backbone
 config, batch size, optimizer and step budget for a dataset; only
 `config.method` (from `methods/<name>.py:get_config()`) differs. A method may
-build a larger network from that config (transition matching's rep_dim
-output and head: +13-28% params): rows record `params` beside the reference
+build a larger network from that config (transition matching's head:
+toy 112,836 vs the reference 91,650 params): rows record `params` beside the reference
 backbone's `reference_params` and the leaderboard flags the excess.
 """
 
