@@ -175,7 +175,8 @@ def test_runner_writes_fd_dinov2_as_its_own_record(monkeypatch):
                          'settings': {'quantize': 'round'}}]})
   method = SimpleNamespace(supported_nfe=(1,), config=SimpleNamespace(
       model=None))
-  ds = SimpleNamespace(spec=SimpleNamespace(num_classes=0))
+  ds = SimpleNamespace(spec=SimpleNamespace(num_classes=0, kind='image',
+                                            name='stub'))
   evals = mlc.ConfigDict({'main': {'nfe': (1,), 'n_samples': 4}})
   fid, fd = runner.evaluate(method, None, ds, evals, None, jax.random.key(0),
                             seed=0, save_samples=False)
