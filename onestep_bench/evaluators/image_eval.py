@@ -53,9 +53,14 @@ file and compared on load: different settings never reuse a cache entry.
 An Inception entry also holds the sFID statistics (mu_s, sigma_s) of the
 same images.
 
-Latent datasets: `decode_to_images` is where a VAE decoder will turn latent
-samples into images before the feature network (not implemented: a clear
-error until `onestep_bench/vae` provides the decoder).
+  reference       '' / 'dataset' (default): statistics of `ref_split`;
+                  'adm:<path>.npz': an ADM evaluator reference batch
+                  (`reference.py`: its mu / sigma for FID, its images'
+                  features for P/R and KID; `ref_stats` names the file, no
+                  FID floor).
+  vae, vae_config latent datasets: the VAE that decodes samples (and the
+                  reference split's latents) before the feature net
+                  (`decode.py`); its `row_fields()` join `settings`.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ from onestep_bench.data.images import (
   ImageArrays,
   to_uint8,
 )
-from onestep_bench.evaluators import image_metrics
+from onestep_bench.evaluators import decode, image_metrics, reference
 from onestep_bench.evaluators.classifier import cache_dir
 
 MAX_REF_FEATURES = 10_000  # real features kept for P/R and KID (ADM: 10k)
@@ -85,13 +90,14 @@ KID_SUBSET_SIZE = 1000
 FD_DINOV2_MODES = ('auto', 'on', 'off')
 
 
-def eval_settings(ev: ml_collections.ConfigDict,
-                  name: str = '<name>') -> dict[str, Any]:
+def eval_settings(ev: ml_collections.ConfigDict, name: str = '<name>', *,
+                  latent: bool = False) -> dict[str, Any]:
   """The image-protocol options of `ev`, defaults filled in and checked.
 
   Args:
     ev: one eval config (`config.evals.<name>`).
     name: the eval's name, for error messages.
+    latent: the data are latents (the VAE weights are then required).
 
   Returns:
     Flat {key: str | int | float | bool}: quantize, is_split_size, pr_k,
@@ -125,6 +131,9 @@ def eval_settings(ev: ml_collections.ConfigDict,
   out.update(max_ref_features=MAX_REF_FEATURES,
              kid_num_subsets=KID_NUM_SUBSETS, kid_subset_size=KID_SUBSET_SIZE)
   fd_dinov2_mode(ev, name)  # checked here, before any compute
+  reference.adm_path(ev, name)
+  if latent or ev.get('vae'):
+    decode.vae_options(ev, name)
   return out
 
 
@@ -196,13 +205,16 @@ _EXTRACTORS: dict[Any, Any] = {}
 
 
 def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
-  """The feature network for `ev` (memoised per process)."""
-  if dataset.spec.kind != 'image':
-    raise ValueError(
-        f'{dataset.spec.name} is a {dataset.spec.kind} dataset: image-space '
-        'FID needs a VAE decoder, and none is configured (no decoder weights '
-        'are available offline). Evaluate this dataset with a decoder or '
-        'train on an image dataset.')
+  """The feature network for `ev` (memoised per process).
+
+  Raises:
+    ConfigError: latent data without VAE weights (`decode.vae_options`).
+  """
+  if dataset.spec.kind == 'latent':
+    decode.vae_options(ev)  # image-space features need the decoder
+  elif dataset.spec.kind != 'image':
+    raise ValueError(f'{dataset.spec.name} is a {dataset.spec.kind} '
+                     'dataset: it has no image features.')
   name = feature_net_name(dataset, ev)
   # Inception: one extractor per (name, weights file).
   key = (name, _inception_weights(ev)) if name.startswith(
@@ -236,29 +248,37 @@ def get_dinov2_extractor(ev: ml_collections.ConfigDict):
 
 
 def decode_to_images(samples: np.ndarray, dataset: ImageArrays,
-                     ev: ml_collections.ConfigDict) -> np.ndarray:
-  """Generated samples -> images in [-1, 1] for the feature networks.
+                     ev: ml_collections.ConfigDict,
+                     quantize: str = DEFAULT_QUANTIZE) -> np.ndarray:
+  """Generated samples -> uint8 images for the feature networks.
 
-  Image datasets: the samples themselves. Latent datasets (`kind ==
-  'latent'`) will decode here with the VAE of `onestep_bench/vae` (and so
-  will their reference images, before `reference_stats`); until then
-  `get_extractor` refuses them with one clear error before any compute.
+  Image datasets: the samples in [-1, 1], quantised by `quantize`. Latent
+  datasets (`kind == 'latent'`): decoded by the eval's VAE
+  (`decode.decode_samples`, DiT's uint8 rule).
   """
-  del ev  # the decoder's options will come from the eval config
-  if dataset.spec.kind != 'image':
-    raise ValueError(f'{dataset.spec.name}: decoding {dataset.spec.kind} '
-                     'samples to images is not implemented (no VAE decoder '
-                     'is configured).')
-  return samples
+  if dataset.spec.kind == 'latent':
+    return decode.decode_samples(samples, dataset, decode.get_decoder(ev))
+  return to_uint8(samples, quantize)
+
+
+def _real_images(dataset: ImageArrays, split: str, idx: Any,
+                 decoder: Any) -> np.ndarray:
+  """uint8 images `idx` of `split` (latents decoded by `decoder`)."""
+  images = dataset.split_images(split)[0][idx]
+  if dataset.spec.kind == 'latent':
+    return decode.decode_stored(images, decoder)
+  return images
 
 
 def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
-                    split: str, n: int | None) -> dict[str, Any]:
+                    split: str, n: int | None, *,
+                    decoder: Any = None) -> dict[str, Any]:
   """mu, sigma (float64) and <= 10k features of `n` images of `split`.
 
   With an extractor that has spatial outputs (`has_spatial`, the Inception)
   the entry also holds mu_s, sigma_s of its 'spatial' features (sFID); an
-  older entry without them is recomputed.
+  older entry without them is recomputed. Latent data: the split's latents
+  are decoded by `decoder` first, and the key holds its `row_fields()`.
   """
   spatial = bool(getattr(extractor, 'has_spatial', False))
   images, _ = dataset.split_images(split)
@@ -268,6 +288,8 @@ def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
          'content_sha256': content.hexdigest()[:16],
          'feature_net': feature_net,
          'weights_sha256': extractor.weights_sha256}
+  if dataset.spec.kind == 'latent':
+    key.update(decoder.row_fields())
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
   path = os.path.join(cache_dir(), 'ref_stats', f'{digest[:24]}.npz')
   if os.path.exists(path):
@@ -280,7 +302,7 @@ def reference_stats(dataset: ImageArrays, extractor: Any, feature_net: str,
         return {**{k: z[k] for k in z.files if k != 'key'}, 'key': key,
                 'path': path}
   logging.info('Computing reference statistics %s', key)
-  out = extractor(images[:n])
+  out = extractor(_real_images(dataset, split, slice(0, n), decoder))
   feats = out['features']
   mu, sigma = image_metrics.gaussian_stats(feats)
   keep = np.random.RandomState(0).permutation(n)[:MAX_REF_FEATURES]
@@ -302,24 +324,26 @@ _FLOORS: dict[tuple[str, ...], float] = {}
 
 
 def fid_floor(dataset: ImageArrays, extractor: Any, ref: dict[str, Any],
-              n: int, seed: int) -> float | None:
+              n: int, seed: int, decoder: Any = None) -> float | None:
   """FID of `n` real held-out images against the reference (the floor).
 
   What a perfect generator would score at this sample count: `n` images of
   the held-out split, drawn with replacement when the split is smaller (the
-  duplicates make it a slight over-estimate). None without a held-out split.
+  duplicates make it a slight over-estimate). None without a held-out split
+  and for an ADM reference batch (not drawn from this dataset's splits).
   """
+  if 'split' not in ref['key']:
+    return None
   held = [s for s in ('test', 'validation') if s in dataset.splits
           and s != ref['key']['split']]
   if not held:
     return None
   key = (json.dumps(ref['key'], sort_keys=True), held[0], str(n), str(seed))
   if key not in _FLOORS:
-    images = dataset.split_images(held[0])[0]
-    idx = np.random.RandomState(seed).choice(len(images), n,
-                                             replace=n > len(images))
-    mu, sigma = image_metrics.gaussian_stats(
-        extractor(images[idx])['features'])
+    size = len(dataset.split_images(held[0])[0])
+    idx = np.random.RandomState(seed).choice(size, n, replace=n > size)
+    mu, sigma = image_metrics.gaussian_stats(extractor(
+        _real_images(dataset, held[0], idx, decoder))['features'])
     _FLOORS[key] = image_metrics.frechet_distance(mu, sigma, ref['mu'],
                                                   ref['sigma'])
   return _FLOORS[key]
@@ -345,13 +369,22 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     {'fd_dinov2': float}, 'feature_net', 'reference', 'settings'}], one
     record of its own feature space for the runner.
   """
-  settings = eval_settings(ev)
+  latent = dataset.spec.kind == 'latent'
+  settings = eval_settings(ev, latent=latent)
+  adm = reference.adm_path(ev)
   extractor = get_extractor(dataset, ev)
   feature_net = feature_net_name(dataset, ev)
-  ref = reference_stats(dataset, extractor, feature_net,
-                        settings['ref_split'], settings['ref_n'])
-  images = to_uint8(decode_to_images(samples, dataset, ev),
-                    settings['quantize'])
+  if adm is not None and feature_net.startswith('classifier:'):
+    raise ConfigError('evals.<name>.reference', ev.reference,
+                      f'an ADM reference batch holds Inception statistics, '
+                      f'but the feature net is {feature_net}',
+                      "set feature_net='inception_v3' or reference=''")
+  decoder = decode.get_decoder(ev) if latent else None
+  if decoder is not None:
+    settings.update(decode.row_fields(decoder, dataset))
+  ref = get_reference(dataset, extractor, feature_net, settings, adm,
+                      decoder=decoder)
+  images = decode_to_images(samples, dataset, ev, settings['quantize'])
   out = extractor(images)
   feats = out['features']
   mu, sigma = image_metrics.gaussian_stats(feats)
@@ -362,7 +395,7 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     m['sfid'] = image_metrics.frechet_distance(
         *image_metrics.gaussian_stats(out['spatial']), ref['mu_s'],
         ref['sigma_s'])
-  floor = fid_floor(dataset, extractor, ref, len(samples), seed)
+  floor = fid_floor(dataset, extractor, ref, len(samples), seed, decoder)
   if floor is not None:
     m['fid_floor'] = floor
   n_boot = settings['fid_bootstrap']
@@ -385,30 +418,54 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
       real, fake, num_subsets=KID_NUM_SUBSETS, subset_size=KID_SUBSET_SIZE,
       seed=seed)
   m['kid'], m['kid_std'] = float(kid_mean), float(kid_std)
-  m['reference'] = {**ref['key'], 'cache': ref['path']}
+  m['reference'] = _reference_record(ref)
   m['settings'] = {**settings, 'is_num_splits': len(
       image_metrics.is_split_rows(len(samples), split))}
   if fd_dinov2_mode(ev) == 'on':
     m['extra_records'] = [fd_dinov2_record(images, dataset, ev,
-                                           m['settings'])]
+                                           m['settings'], adm=adm,
+                                           decoder=decoder)]
   return m
+
+
+def get_reference(dataset: ImageArrays, extractor: Any, feature_net: str,
+                  settings: dict[str, Any], adm: str | None, *,
+                  file_stats: bool = True,
+                  decoder: Any = None) -> dict[str, Any]:
+  """The ADM batch at `adm` (`reference.adm_reference`), else the split's."""
+  if adm is not None:
+    return reference.adm_reference(adm, extractor, feature_net,
+                                   file_stats=file_stats)
+  return reference_stats(dataset, extractor, feature_net,
+                         settings['ref_split'], settings['ref_n'],
+                         decoder=decoder)
+
+
+def _reference_record(ref: dict[str, Any]) -> dict[str, Any]:
+  """What a row records of its reference (the runner's `provenance`)."""
+  out = {**ref['key'], 'cache': ref['path']}
+  if 'ref_stats' in ref:  # an ADM batch names itself
+    out['ref_stats'] = ref['ref_stats']
+  return out
 
 
 def fd_dinov2_record(images: np.ndarray, dataset: ImageArrays,
                      ev: ml_collections.ConfigDict,
-                     settings: dict[str, Any]) -> dict[str, Any]:
+                     settings: dict[str, Any], *, adm: str | None = None,
+                     decoder: Any = None) -> dict[str, Any]:
   """FD_DINOv2 of uint8 `images` against the DINOv2 reference statistics.
 
   The reference statistics are computed and cached exactly as the primary
   net's (`reference_stats`: same split and n, key with the DINOv2 feature
-  net and its weights hash).
+  net and its weights hash); with an ADM batch, from DINOv2 features of
+  its images (the file's statistics are Inception's).
   """
   ext = get_dinov2_extractor(ev)
-  ref = reference_stats(dataset, ext, ext.feature_net, settings['ref_split'],
-                        settings['ref_n'])
+  ref = get_reference(dataset, ext, ext.feature_net, settings, adm,
+                      file_stats=False, decoder=decoder)
   mu, sigma = image_metrics.gaussian_stats(ext(images)['features'])
   return {'metrics': {'fd_dinov2': image_metrics.frechet_distance(
               mu, sigma, ref['mu'], ref['sigma'])},
           'feature_net': ext.feature_net,
-          'reference': {**ref['key'], 'cache': ref['path']},
+          'reference': _reference_record(ref),
           'settings': dict(settings)}

@@ -176,7 +176,9 @@ def provenance(metrics: dict[str, Any], dataset: Dataset,
   `net` overrides the eval's feature net (an extra record's own space).
   `ref_stats` is a 12-hex digest of the reference key (dataset, split, n,
   content hash, feature net, weights hash): equal digests mean the same
-  statistics. Toy 2D data is scored against a fresh exact sample of the law.
+  statistics. An ADM reference batch names itself, '<file>@<12 hex of its
+  sha256>' (`reference.ref_stats_id`). Toy 2D data is scored against a fresh
+  exact sample of the law.
   """
   ref = metrics.pop('reference', None)
   settings = metrics.pop('settings', None) or {}
@@ -186,8 +188,8 @@ def provenance(metrics: dict[str, Any], dataset: Dataset,
   else:
     key = {k: v for k, v in ref.items() if k != 'cache'}
     weights = str(ref.get('weights_sha256', ''))[:16]
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str)
-                          .encode()).hexdigest()[:12]
+  digest = key.pop('ref_stats', None) or hashlib.sha256(
+      json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
   out = {'feature_net': net or feature_net(dataset, ev),
          'feature_weights': weights,
          'ref_stats': digest,
@@ -209,6 +211,11 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
   (and only with `save_samples`: in-training evaluations keep none).
   """
   records = []
+  if dataset.spec.kind != 'toy2d':  # bad options / missing files: no compute
+    from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
+    for name, ev in evals.items():
+      image_eval.eval_settings(ev, name,
+                               latent=dataset.spec.kind == 'latent')
   ref = reference_forward(method.config.model, dataset.spec)
   for name, ev in evals.items():
     for nfe in eval_nfes(method, ev, name):
