@@ -372,13 +372,13 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   latent = dataset.spec.kind == 'latent'
   settings = eval_settings(ev, latent=latent)
   adm = reference.adm_path(ev)
-  extractor = get_extractor(dataset, ev)
   feature_net = feature_net_name(dataset, ev)
   if adm is not None and feature_net.startswith('classifier:'):
     raise ConfigError('evals.<name>.reference', ev.reference,
                       f'an ADM reference batch holds Inception statistics, '
                       f'but the feature net is {feature_net}',
                       "set feature_net='inception_v3' or reference=''")
+  extractor = get_extractor(dataset, ev)
   decoder = decode.get_decoder(ev) if latent else None
   if decoder is not None:
     settings.update(decode.row_fields(decoder, dataset))
