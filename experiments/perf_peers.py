@@ -7,8 +7,9 @@ instance; alone, `python -m experiments.perf_peers [--repeats=5] [--quick]
 Training loops on one plain MLP (`mlp_plain`, models/mlp_plain.py:
 torchcfm's / the Drifting demo's network, PyTorch init; same width, depth,
 batch and law everywhere), timed in interleaved rounds (A, B, C, A, B, C,
-...) in one process, warm-up (compiles) excluded, median of `perf.repeats`
-rounds; each call runs enough steps for ~0.25 s (`interleaved`):
+...) in one process, warm-up (compiles) excluded, medians over rounds:
+flow matching 3 x `perf.repeats` rounds of ~0.1 s calls, drifting
+`perf.repeats` rounds of `drift_steps` steps for every loop (`interleaved`):
 
   torchcfm   the `ConditionalFlowMatcher(sigma=0)` loop of torchcfm's 2-D
              tutorial, re-written here in PyTorch (torchcfm is not a
@@ -95,7 +96,8 @@ def interleaved(loops: dict[str, tuple[Loop, int]], repeats: int,
 
   Returns:
     name -> median seconds per step. Warm-up: two calls of one unit each
-    (compiles, as experiments/perf.py's rule), not timed.
+    (compiles, as experiments/perf.py's rule), not timed. `call_s=0`: every
+    call is one unit (no calibration).
   """
   ks = {}
   for name, (run, unit) in loops.items():
@@ -368,15 +370,16 @@ def peers_section(perf: Any, *, fm_batch: int | None = None,
       demo's `data_batch_size` = `gen_batch_size`).
     width: hidden width of the 3-hidden-layer MLP (default 256).
     fm_steps: harness FM steps per dispatch (default 50, the toy bench's).
-    drift_steps: harness drifting steps per dispatch (default 5: a call of
-      ~0.5 s; per-dispatch overhead is nil at this step cost).
+    drift_steps: drifting steps per call of every loop and per harness
+      dispatch (default 3; a step is ~0.2-2 s here, so the dispatch
+      overhead is nil).
   """
   q = perf.quick
   fm_batch = fm_batch or (64 if q else 256)
   drift_batch = drift_batch or (128 if q else 2048)
   width = width or (32 if q else 256)
   fm_steps = fm_steps or (4 if q else 50)
-  drift_steps = drift_steps or (2 if q else 5)
+  drift_steps = drift_steps or (2 if q else 3)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -392,12 +395,12 @@ def peers_section(perf: Any, *, fm_batch: int | None = None,
     torch.set_num_threads(old)
 
 
-def _torch_variants(make: Callable[[int], Loop], threads: int,
-                    name: str) -> dict[str, tuple[Loop, int]]:
+def _torch_variants(make: Callable[[int], Loop], threads: int, name: str,
+                    unit: int = 1) -> dict[str, tuple[Loop, int]]:
   """{name: at JAX's thread count, name_1t: at 1 thread (if different)}."""
-  out = {name: (make(threads), 1)}
+  out = {name: (make(threads), unit)}
   if threads > 1:
-    out[f'{name}_1t'] = (make(1), 1)
+    out[f'{name}_1t'] = (make(1), unit)
   return out
 
 
@@ -413,10 +416,16 @@ def _flow_matching(perf, torch, batch, width, steps, threads) -> None:
       lambda n: torchcfm_loop(torch, batch, width, n), threads, 'torchcfm'),
            'harness': (harness, steps),
            'hand_jax': (hand_jax_fm(batch, width), 1)}
-  sps = {k: 1.0 / v for k, v in interleaved(loops, perf.repeats).items()}
+  # Short calls, 3x the rounds: a ~13 ms harness step chunk and ~3 ms
+  # steps are at the mercy of other jobs' bursts; finer interleaving and
+  # more rounds make the medians see the same load.
+  rounds = 3 * perf.repeats
+  sps = {k: 1.0 / v for k, v in interleaved(loops, rounds,
+                                            call_s=0.1).items()}
   detail = (f'batch {batch}, MLP 3x{width} SELU on [x, t] '
             f'({built.method.net.num_params()} params), toy2d:{FM_LAW}, '
-            f'{threads} JAX threads, torch {torch.__version__}')
+            f'{threads} JAX threads, torch {torch.__version__}, median '
+            f'of {rounds} rounds')
   for k, v in sps.items():
     perf.add('peers', 'mlp_plain', 'flow_matching', f'{k}_steps_per_s', v,
              'steps/s', detail=detail if k == 'harness' else '')
@@ -431,23 +440,36 @@ def _flow_matching(perf, torch, batch, width, steps, threads) -> None:
 
 
 def _drifting(perf, torch, batch, width, steps, threads) -> None:
+  """Drifting rows. Every loop runs `steps` steps per call (no calibration).
+
+  The field's cost depends on where the samples are (measured: the
+  project's field at one τ took 590 / 300 / 210 ms for generated spreads
+  0.05 / 0.5 / data-like), so the loops advance through training in step:
+  after each round all have taken the same number of steps.
+  """
   from methods import drifting  # pylint: disable=g-import-not-at-top
   config = harness_config('drifting', batch, width, steps)
   harness, built = harness_loop(config)
-  kw = built.method._field_kwargs()  # pylint: disable=protected-access
-  x = built.method.noise(jax.random.key(2), batch)[None] * 0.5
+  method = built.method
+  # The field alone, on the first step's inputs (fetched before the state
+  # is donated): what share of a harness step it takes.
+  x = jax.jit(lambda p, k: method.generate(p, method.noise(k, batch)))(
+      built.state.params, jax.random.key(2))[None]
   pos = built.dataset.sample(jax.random.key(3), batch)['x'][None]
+  kw = method._field_kwargs()  # pylint: disable=protected-access
   field = jax.jit(lambda x, p: drifting.drift_loss(
       x, p, coverage_k=drifting.COVERAGE_K, **kw))
   loops = {**_torch_variants(
-      lambda n: demo_loop(torch, batch, width, n), threads, 'official_demo'),
+      lambda n: demo_loop(torch, batch, width, n), threads, 'official_demo',
+      unit=steps),
            'harness': (harness, steps),
-           'harness_field': (lambda k: [field(x, pos) for _ in range(k)], 1)}
-  tm = interleaved(loops, perf.repeats)
+           'harness_field': (lambda k: [field(x, pos) for _ in range(k)],
+                             steps)}
+  tm = interleaved(loops, perf.repeats, call_s=0.0)
   sps = {k: 1.0 / v for k, v in tm.items() if k != 'harness_field'}
   detail = (f'{batch} generated + {batch} data, MLP 3x{width} SiLU '
-            f'({built.method.net.num_params()} params), temp {DEMO_TEMP}, '
-            f'toy2d:{DRIFT_LAW}, {threads} JAX threads, '
+            f'({method.net.num_params()} params), temp {DEMO_TEMP}, '
+            f'toy2d:{DRIFT_LAW}, {steps} steps/call, {threads} JAX threads, '
             f'torch {torch.__version__}')
   for k, v in sps.items():
     perf.add('peers', 'mlp_plain', 'drifting', f'{k}_steps_per_s', v,
@@ -458,8 +480,9 @@ def _drifting(perf, torch, batch, width, steps, threads) -> None:
            detail=f'vs {which} (the faster torch threads)')
   perf.add('peers', 'mlp_plain', 'drifting', 'field_share_of_harness_step',
            tm['harness_field'] / tm['harness'], 'ratio',
-           detail=f'jitted drift_loss alone: {1e3 * tm["harness_field"]:.1f}'
-                  f' ms of {1e3 * tm["harness"]:.1f} ms/step')
+           detail=f'jitted drift_loss alone on the first step\'s inputs: '
+                  f'{1e3 * tm["harness_field"]:.1f} ms; harness '
+                  f'{1e3 * tm["harness"]:.1f} ms/step')
 
 
 def main(argv):
