@@ -155,6 +155,7 @@ def test_mock_imagenet_latent_run(tmp_path, stub, vae_file):
   results.record(s, str(tmp_path / 'results'))
   with open(tmp_path / 'results' / 'runs.csv') as f:
     rows = list(csv.DictReader(f))
-  fid_rows = [r for r in rows if r.get('metric') == 'fid']
-  assert fid_rows and all(r['ref_stats'] == rec['ref_stats']
-                          for r in fid_rows)
+  main = [r for r in rows if r['eval'] == 'main']
+  assert any(r['metric'].startswith('fid') for r in main)
+  assert all(r['ref_stats'] == rec['ref_stats'] for r in main)
+  assert all('vae_sha256=' in r['eval_settings'] for r in main)

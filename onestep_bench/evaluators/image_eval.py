@@ -65,6 +65,7 @@ same images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -369,6 +370,27 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     {'fd_dinov2': float}, 'feature_net', 'reference', 'settings'}], one
     record of its own feature space for the runner.
   """
+  ctx = prepare(dataset, ev)
+  images = decode_to_images(samples, dataset, ev, ctx.settings['quantize'])
+  return score_features(features(images, ctx), dataset, ctx, seed)
+
+
+@dataclasses.dataclass
+class Context:
+  """What scoring one eval needs, resolved once (`prepare`)."""
+
+  ev: ml_collections.ConfigDict
+  settings: dict[str, Any]
+  adm: str | None
+  feature_net: str
+  extractor: Any
+  decoder: Any
+  ref: dict[str, Any]
+  dinov2: Any = None  # the DINOv2 extractor when FD_DINOv2 is on
+
+
+def prepare(dataset: ImageArrays, ev: ml_collections.ConfigDict) -> Context:
+  """Checks `ev`, loads the nets (+ VAE) and the reference statistics."""
   latent = dataset.spec.kind == 'latent'
   settings = eval_settings(ev, latent=latent)
   adm = reference.adm_path(ev)
@@ -384,9 +406,29 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     settings.update(decode.row_fields(decoder, dataset))
   ref = get_reference(dataset, extractor, feature_net, settings, adm,
                       decoder=decoder)
-  images = decode_to_images(samples, dataset, ev, settings['quantize'])
-  out = extractor(images)
+  dino = get_dinov2_extractor(ev) if fd_dinov2_mode(ev) == 'on' else None
+  return Context(ev, settings, adm, feature_net, extractor, decoder, ref,
+                 dino)
+
+
+def features(images: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+  """uint8 images -> the primary net's outputs (+ 'dinov2' features)."""
+  out = dict(ctx.extractor(images))
+  if ctx.dinov2 is not None:
+    out['dinov2'] = ctx.dinov2(images)['features']
+  return out
+
+
+def score_features(out: dict[str, np.ndarray], dataset: ImageArrays,
+                   ctx: Context, seed: int) -> dict[str, Any]:
+  """`score_images`' metrics from `features(images, ctx)` of the samples.
+
+  Lets a streamed evaluation (`streaming.py`) score features it extracted
+  chunk by chunk, without keeping the images.
+  """
+  settings, ref, extractor = ctx.settings, ctx.ref, ctx.extractor
   feats = out['features']
+  n = len(feats)
   mu, sigma = image_metrics.gaussian_stats(feats)
   m: dict[str, Any] = {
       'fid': image_metrics.frechet_distance(mu, sigma, ref['mu'],
@@ -395,7 +437,7 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     m['sfid'] = image_metrics.frechet_distance(
         *image_metrics.gaussian_stats(out['spatial']), ref['mu_s'],
         ref['sigma_s'])
-  floor = fid_floor(dataset, extractor, ref, len(samples), seed, decoder)
+  floor = fid_floor(dataset, extractor, ref, n, seed, ctx.decoder)
   if floor is not None:
     m['fid_floor'] = floor
   n_boot = settings['fid_bootstrap']
@@ -420,11 +462,10 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
   m['kid'], m['kid_std'] = float(kid_mean), float(kid_std)
   m['reference'] = _reference_record(ref)
   m['settings'] = {**settings, 'is_num_splits': len(
-      image_metrics.is_split_rows(len(samples), split))}
-  if fd_dinov2_mode(ev) == 'on':
-    m['extra_records'] = [fd_dinov2_record(images, dataset, ev,
-                                           m['settings'], adm=adm,
-                                           decoder=decoder)]
+      image_metrics.is_split_rows(n, split))}
+  if ctx.dinov2 is not None:
+    m['extra_records'] = [fd_dinov2_record(out['dinov2'], dataset, ctx,
+                                           m['settings'])]
   return m
 
 
@@ -449,21 +490,19 @@ def _reference_record(ref: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def fd_dinov2_record(images: np.ndarray, dataset: ImageArrays,
-                     ev: ml_collections.ConfigDict,
-                     settings: dict[str, Any], *, adm: str | None = None,
-                     decoder: Any = None) -> dict[str, Any]:
-  """FD_DINOv2 of uint8 `images` against the DINOv2 reference statistics.
+def fd_dinov2_record(feats: np.ndarray, dataset: ImageArrays, ctx: Context,
+                     settings: dict[str, Any]) -> dict[str, Any]:
+  """FD_DINOv2 of the samples' DINOv2 `feats` against its reference.
 
   The reference statistics are computed and cached exactly as the primary
   net's (`reference_stats`: same split and n, key with the DINOv2 feature
   net and its weights hash); with an ADM batch, from DINOv2 features of
   its images (the file's statistics are Inception's).
   """
-  ext = get_dinov2_extractor(ev)
-  ref = get_reference(dataset, ext, ext.feature_net, settings, adm,
-                      file_stats=False, decoder=decoder)
-  mu, sigma = image_metrics.gaussian_stats(ext(images)['features'])
+  ext = ctx.dinov2
+  ref = get_reference(dataset, ext, ext.feature_net, settings, ctx.adm,
+                      file_stats=False, decoder=ctx.decoder)
+  mu, sigma = image_metrics.gaussian_stats(feats)
   return {'metrics': {'fd_dinov2': image_metrics.frechet_distance(
               mu, sigma, ref['mu'], ref['sigma'])},
           'feature_net': ext.feature_net,

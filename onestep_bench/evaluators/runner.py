@@ -105,6 +105,28 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
   count are sampled replicated.
   """
   chunk = min(chunk, n)
+  compiled, flops, exact = compile_sampler(
+      method, params, key, chunk, nfe, num_classes=num_classes,
+      guidance=guidance, mesh=mesh)
+  out, t0 = [], time.perf_counter()
+  steps = math.ceil(n / chunk)
+  for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
+                leave=False):
+    out.append(compiled(params, jax.random.fold_in(key, i)))
+  samples = np.concatenate(sharding.to_host(out))[:n]
+  dt = time.perf_counter() - t0
+  return samples, {'ms_per_sample': 1e3 * dt / n,
+                   'flops_per_sample': flops / chunk, 'flops_exact': exact}
+
+
+def compile_sampler(method: Method, params: Any, key: jax.Array, chunk: int,
+                    nfe: int, *, num_classes: int = 0,
+                    guidance: float | None = None, mesh: Mesh | None = None
+                    ) -> tuple[Any, float, bool]:
+  """(compiled `(params, key) -> chunk samples`, FLOPs per call, exact).
+
+  Chunk i of an eval is `compiled(params, fold_in(key, i))`.
+  """
   out_sharding = None
   if mesh is not None:
     out_sharding = (sharding.batch_sharded(mesh) if chunk % mesh.size == 0
@@ -122,15 +144,44 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
   # jaxpr count, not compiled.cost_analysis(): XLA counts a scanned
   # sampler's loop body once, whatever the NFE.
   flops, exact = count_flops(fn, params, key)
-  out, t0 = [], time.perf_counter()
-  steps = math.ceil(n / chunk)
-  for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
-                leave=False):
-    out.append(compiled(params, jax.random.fold_in(key, i)))
-  samples = np.concatenate(sharding.to_host(out))[:n]
-  dt = time.perf_counter() - t0
-  return samples, {'ms_per_sample': 1e3 * dt / n,
-                   'flops_per_sample': flops / chunk, 'flops_exact': exact}
+  return compiled, flops, exact
+
+
+def draw_and_score_streamed(method: Method, params: Any, dataset: Dataset,
+                            ev: ml_collections.ConfigDict, name: str,
+                            key: jax.Array, nfe: int, workdir: str | None, *,
+                            seed: int, mesh: Mesh | None = None,
+                            on_chunk: Any = None
+                            ) -> tuple[dict[str, Any], dict[str, float],
+                                       np.ndarray | None]:
+  """Sampling + decoding + features chunk by chunk, cached (resumable).
+
+  `ev.cache_every` chunks per cache part under `<workdir>/eval_cache/
+  <eval>_nfe<k>` (`streaming.py`). Returns (metrics, cost, first chunk).
+  """
+  from onestep_bench.evaluators import image_eval, streaming  # pylint: disable=g-import-not-at-top
+  n = int(ev.n_samples)
+  chunk = min(int(ev.get('batch_size', n)), n)
+  guidance = ev.get('guidance', None)
+  compiled, flops, exact = compile_sampler(
+      method, params, key, chunk, nfe, num_classes=dataset.spec.num_classes,
+      guidance=guidance, mesh=mesh)
+  ctx = image_eval.prepare(dataset, ev)
+  cache = (os.path.join(workdir, streaming.CACHE_DIR, f'{name}_nfe{nfe}')
+           if workdir is not None else None)
+  ckey = streaming.cache_key(params, key, n=n, nfe=nfe, chunk=chunk, ctx=ctx,
+                             extra={'guidance': guidance})
+  t0 = time.perf_counter()
+  feats, first = streaming.stream_features(
+      lambda i: compiled(params, jax.random.fold_in(key, i)), n, chunk,
+      dataset, ctx, cache, ckey, cache_every=int(ev.cache_every),
+      on_chunk=on_chunk, desc=f'{name} nfe={nfe}')
+  dt = time.perf_counter() - t0  # sampling + decode + features (resumed:
+  # this run's part only)
+  metrics = image_eval.score_features(feats, dataset, ctx, seed)
+  return metrics, {'ms_per_sample': 1e3 * dt / n,
+                   'flops_per_sample': flops / chunk,
+                   'flops_exact': exact}, first
 
 
 # Backbone options that add method-specific inputs; off in the reference.
@@ -220,10 +271,18 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
   for name, ev in evals.items():
     for nfe in eval_nfes(method, ev, name):
       guidance = ev.get('guidance', None)
-      samples, cost = draw_samples(
-          method, params, jax.random.fold_in(key, nfe), ev.n_samples, nfe,
-          ev.get('batch_size', ev.n_samples),
-          num_classes=dataset.spec.num_classes, guidance=guidance, mesh=mesh)
+      streamed = bool(ev.get('cache_every', 0)) and (
+          dataset.spec.kind != 'toy2d')
+      if streamed:  # FID-50K: features cached as they come, resumable
+        metrics, cost, samples = draw_and_score_streamed(
+            method, params, dataset, ev, name, jax.random.fold_in(key, nfe),
+            nfe, workdir, seed=seed, mesh=mesh)
+      else:
+        samples, cost = draw_samples(
+            method, params, jax.random.fold_in(key, nfe), ev.n_samples, nfe,
+            ev.get('batch_size', ev.n_samples),
+            num_classes=dataset.spec.num_classes, guidance=guidance,
+            mesh=mesh)
       rec = {'eval': name, 'nfe': nfe, 'n_samples': int(ev.n_samples),
              'guidance': guidance, **cost,
              'reference_flops': ref.flops, 'reference_params': ref.params,
@@ -233,7 +292,9 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
              'effective_nfe': (cost['flops_per_sample'] / ref.flops
                                if ref.flops else None),
              'samples_file': None}
-      if save_samples and workdir is not None and jax.process_index() == 0:
+      if save_samples and workdir is not None and jax.process_index() == 0 \
+          and samples is not None:
+        # streamed evals keep only their first chunk
         rec['samples_file'] = f'samples_nfe{nfe}.npz'
         np.savez_compressed(os.path.join(workdir, rec['samples_file']),
                             x=samples)
@@ -241,7 +302,8 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           from onestep_bench import plots  # pylint: disable=g-import-not-at-top
           plots.image_grid(samples, os.path.join(workdir,
                                                  f'samples_nfe{nfe}.png'))
-      metrics = score(samples, dataset, seed, ev)
+      if not streamed:
+        metrics = score(samples, dataset, seed, ev)
       extra = metrics.pop('extra_records', [])
       rec['metrics'] = metrics
       rec.update(provenance(metrics, dataset, ev))

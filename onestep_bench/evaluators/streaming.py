@@ -1,0 +1,149 @@
+"""FID-50K as a stream: sample, decode, extract chunk by chunk; resumable.
+
+`stream_features` draws the eval's samples in the same jitted chunks as
+`runner.draw_samples` (chunk i from `fold_in(key, i)`, split over the mesh),
+turns each chunk into uint8 images (`image_eval.decode_to_images`: the VAE
+for latent data), runs the feature nets on it (`image_eval.features`) and
+keeps only the features. Every `cache_every` chunks the new features are
+written to `<workdir>/eval_cache/<tag>/part_<first>_<last>.npz` (plain
+arrays, written to a temporary name and renamed, no pickle); a rerun with
+the same key (the params' digest, sampler and eval settings, feature nets
+and their weights, VAE) loads the parts and continues after the last
+complete one, so a preempted FID-50K resumes instead of restarting. The
+features of a resumed run equal an uninterrupted run's bit for bit (same
+chunks, same keys, same programs).
+
+Samples are not kept (50k ImageNet-256 images are 9.8 GB); the first chunk
+is returned for the sample grid.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from onestep_bench.evaluators import image_eval
+
+CACHE_DIR = 'eval_cache'
+_PART = re.compile(r'part_(\d+)_(\d+)\.npz$')
+
+
+def params_digest(params: Any) -> str:
+  """16 hex of the sha256 of every leaf's bytes (tree order)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def cache_key(params: Any, key: jax.Array, *, n: int, nfe: int, chunk: int,
+              ctx: image_eval.Context, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+  """What the cached features depend on (compared on resume)."""
+  return {'params': params_digest(params),
+          'key': np.asarray(jax.random.key_data(key)).tolist(),
+          'n': int(n), 'nfe': int(nfe), 'chunk': int(chunk),
+          'feature_net': ctx.feature_net,
+          'weights_sha256': ctx.extractor.weights_sha256,
+          'dinov2': getattr(ctx.dinov2, 'weights_sha256', None),
+          'settings': {k: v for k, v in ctx.settings.items()},
+          **(extra or {})}
+
+
+def _load_parts(directory: str, key: dict[str, Any]
+                ) -> tuple[int, list[dict[str, np.ndarray]]]:
+  """(chunks done, their feature dicts in order) of a matching cache."""
+  meta = os.path.join(directory, 'key.json')
+  if not os.path.exists(meta):
+    return 0, []
+  with open(meta) as f:
+    stored = json.load(f)
+  if stored != json.loads(json.dumps(key)):
+    raise ValueError(f'{directory} holds features of another evaluation '
+                     f'({stored}); delete it or use another workdir.')
+  parts, done = [], 0
+  for path in sorted(glob.glob(os.path.join(directory, 'part_*.npz'))):
+    lo, hi = map(int, _PART.search(path).groups())
+    if lo != done:
+      break  # a gap: recompute from here
+    with np.load(path, allow_pickle=False) as z:
+      parts.append({k: z[k] for k in z.files})
+    done = hi + 1
+  return done, parts
+
+
+def _save_part(directory: str, lo: int, hi: int,
+               arrays: dict[str, np.ndarray]) -> None:
+  path = os.path.join(directory, f'part_{lo:06d}_{hi:06d}.npz')
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def stream_features(sample_chunk: Callable[[int], Any], n: int, chunk: int,
+                    dataset: Any, ctx: image_eval.Context,
+                    cache: str | None, key: dict[str, Any], *,
+                    cache_every: int = 10,
+                    on_chunk: Callable[[int], None] | None = None,
+                    desc: str = 'eval') -> tuple[dict[str, np.ndarray],
+                                                 np.ndarray | None]:
+  """Features of n samples drawn as `sample_chunk(i)`, i < ceil(n / chunk).
+
+  Args:
+    sample_chunk: i -> chunk i of samples ([chunk, ...], numpy or jax).
+    n: samples in all (the last chunk is sliced, never dropped).
+    chunk: samples per chunk.
+    dataset: the dataset (decode of latents).
+    ctx: `image_eval.prepare(dataset, ev)`.
+    cache: the cache directory (None: no cache, nothing resumes).
+    key: `cache_key(...)`, stored and compared on resume.
+    cache_every: chunks per part file.
+    on_chunk: called with i after chunk i is extracted (tests interrupt
+      here).
+    desc: the progress bar's label.
+
+  Returns:
+    ({'features', 'spatial', 'logits' | 'probs', ['dinov2']: [n, ...]},
+    the first chunk's samples or None when it was read from the cache).
+  """
+  steps = math.ceil(n / chunk)
+  done, parts = 0, []
+  if cache is not None:
+    os.makedirs(cache, exist_ok=True)
+    done, parts = _load_parts(cache, key)
+    if not done:
+      with open(os.path.join(cache, 'key.json'), 'w') as f:
+        json.dump(key, f, sort_keys=True)
+  first, pending, lo = None, [], done
+  for i in tqdm(range(done, steps), desc=desc, initial=done, total=steps,
+                unit='chunk', disable=steps - done < 2):
+    x = np.asarray(jax.device_get(sample_chunk(i)))[:n - i * chunk]
+    if i == 0:
+      first = x
+    images = image_eval.decode_to_images(x, dataset, ctx.ev,
+                                         ctx.settings['quantize'])
+    pending.append(image_eval.features(images, ctx))
+    if on_chunk is not None:
+      on_chunk(i)
+    if cache is not None and (len(pending) == cache_every or i == steps - 1):
+      part = _concat(pending)
+      _save_part(cache, lo, i, part)
+      parts.append(part)
+      pending, lo = [], i + 1
+  if pending:
+    parts.append(_concat(pending))
+  return _concat(parts), first
