@@ -272,8 +272,9 @@ def check_model(mc: ml_collections.ConfigDict) -> None:
   try:
     valid = models.options(name)
   except ValueError:
-    raise ConfigError('model.name', name, "must be one of 'mlp', 'unet', "
-                      "'dit'", 'e.g. --config.model.name=mlp') from None
+    raise ConfigError('model.name', name, "must be one of 'mlp', "
+                      "'mlp_plain', 'unet', 'dit'",
+                      'e.g. --config.model.name=mlp') from None
   enums = _enums()
   for k, v in mc.items():
     if k == 'name':
