@@ -142,7 +142,7 @@ def test_mock_imagenet_latent_run(tmp_path, stub, vae_file):
   c.evals = ml_collections.ConfigDict({'main': dict(
       paper._EVAL, nfe=(1,), n_samples=16, batch_size=8, pr_k=2,  # pylint: disable=protected-access
       fd_dinov2='off', reference=f'adm:{npz}', vae=vae_file,
-      vae_config='file')})
+      vae_config='file', cache_every=1)})  # streamed: 2 cached parts
   c.evals.main.guidance = ml_collections.config_dict.placeholder(float)
   s = train.train_and_evaluate(c, str(tmp_path / 'run'))
   rec = s['evals'][0]
@@ -151,7 +151,11 @@ def test_mock_imagenet_latent_run(tmp_path, stub, vae_file):
   assert np.isfinite(rec['metrics']['fid']) and rec['metrics']['fid'] > 0
   assert 'vae=tiny-vae' in rec['eval_settings']
   x = np.load(tmp_path / 'run' / rec['samples_file'])['x']
-  assert x.shape == (16, *LATENT)
+  assert x.shape == (8, *LATENT)  # streamed: the first chunk is kept
+  parts = os.listdir(tmp_path / 'run' / 'eval_cache' / 'main_nfe1')
+  assert sorted(parts) == ['key.json', 'part_000000_000000.npz',
+                           'part_000001_000001.npz']
+  _resume_through_the_runner(c, tmp_path, rec)
   results.record(s, str(tmp_path / 'results'))
   with open(tmp_path / 'results' / 'runs.csv') as f:
     rows = list(csv.DictReader(f))
@@ -159,3 +163,83 @@ def test_mock_imagenet_latent_run(tmp_path, stub, vae_file):
   assert any(r['metric'].startswith('fid') for r in main)
   assert all(r['ref_stats'] == rec['ref_stats'] for r in main)
   assert all('vae_sha256=' in r['eval_settings'] for r in main)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_streamed_features_resume_bit_for_bit(tmp_path, stub):
+  """Preempted after 3 chunks, the rerun reads 2 cached, samples the rest."""
+  from onestep_bench.evaluators import streaming  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(5)
+  splits = {'train': (rng.randint(0, 256, (24, 8, 8, 3)).astype(np.uint8),
+                      np.zeros(24, np.int32))}
+  ds = ImageArrays('mock_rgb', splits, 1)
+  ctx = image_eval.prepare(ds, _ev())
+  calls = []
+
+  def sample_chunk(i):
+    calls.append(i)
+    return np.random.RandomState(100 + i).uniform(-1, 1, (4, 8, 8, 3))
+
+  key = {'params': 'p', 'n': 18}
+  run = dict(n=18, chunk=4, dataset=ds, ctx=ctx, key=key, cache_every=2)
+  whole, first = streaming.stream_features(sample_chunk, cache=None, **run)
+  assert whole['features'].shape == (18, 16) and first.shape == (4, 8, 8, 3)
+  cache = str(tmp_path / 'eval_cache')
+
+  def stop(i):
+    if i == 2:
+      raise _Interrupt
+
+  calls.clear()
+  with pytest.raises(_Interrupt):
+    streaming.stream_features(sample_chunk, cache=cache, on_chunk=stop, **run)
+  assert calls == [0, 1, 2]
+  assert len(os.listdir(cache)) == 2  # key.json + part_000000_000001.npz
+  calls.clear()
+  resumed, first = streaming.stream_features(sample_chunk, cache=cache, **run)
+  assert calls == [2, 3, 4] and first is None
+  for k, v in whole.items():
+    assert resumed[k].dtype == v.dtype and np.array_equal(resumed[k], v), k
+  calls.clear()
+  again, _ = streaming.stream_features(sample_chunk, cache=cache, **run)
+  assert calls == [] and np.array_equal(again['features'],
+                                        whole['features'])
+  m = image_eval.score_features(again, ds, ctx, seed=0)
+  assert m == image_eval.score_features(whole, ds, ctx, seed=0)
+  with pytest.raises(ValueError, match='another evaluation'):
+    streaming.stream_features(sample_chunk, cache=cache,
+                              **{**run, 'key': {'params': 'q'}})
+
+
+def _resume_through_the_runner(c, tmp_path, rec):
+  """`runner.draw_and_score_streamed`: interrupted + resumed == whole."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from conftest import final_state  # pylint: disable=g-import-not-at-top
+
+  from onestep_bench import data  # pylint: disable=g-import-not-at-top
+  from onestep_bench.method import load_method  # pylint: disable=g-import-not-at-top
+  ds = data.build(c.data)
+  method = load_method(c, ds.spec)
+  params = final_state(c, str(tmp_path / 'run')).ema_params
+  key, ev = jax.random.key(3), c.evals.main
+
+  def go(workdir, on_chunk=None):
+    return runner.draw_and_score_streamed(method, params, ds, ev, 'main', key,
+                                          1, workdir, seed=0,
+                                          on_chunk=on_chunk)
+
+  whole = go(str(tmp_path / 'a'))[0]
+
+  def stop(i):
+    if i == 1:
+      raise _Interrupt
+  with pytest.raises(_Interrupt):
+    go(str(tmp_path / 'b'), stop)
+  resumed, _, first = go(str(tmp_path / 'b'))
+  assert first is None  # chunk 0 came from the cache
+  assert resumed['fid'] == whole['fid'] and np.isfinite(whole['fid'])
+  assert resumed['precision'] == whole['precision']
+  assert rec['metrics']['fid'] > 0
