@@ -51,13 +51,19 @@ Reference statistics are cached under a key of (dataset, split, content hash
 of the split, feature net, its weights hash, n). The key is stored in the
 file and compared on load: different settings never reuse a cache entry.
 An Inception entry also holds the sFID statistics (mu_s, sigma_s) of the
-same images.
+same images (latent data: the key also holds the VAE's `row_fields()`).
 
+Reference source, latent decoding and streaming (`config.evals.<name>.<key>`):
   reference       '' / 'dataset' (default): statistics of `ref_split`;
                   'adm:<path>.npz': an ADM evaluator reference batch
                   (`reference.py`: its mu / sigma for FID, its images'
                   features for P/R and KID; `ref_stats` names the file, no
                   FID floor).
+  cache_every     > 0: sample, decode and extract features chunk by chunk
+                  (`batch_size` samples each), caching the features to the
+                  workdir every `cache_every` chunks; a preempted eval
+                  resumes from the cache (`streaming.py`). 0 (default): all
+                  samples first. Not a protocol option (same numbers).
   vae, vae_config latent datasets: the VAE that decodes samples (and the
                   reference split's latents) before the feature net
                   (`decode.py`); its `row_fields()` join `settings`.
@@ -132,6 +138,13 @@ def eval_settings(ev: ml_collections.ConfigDict, name: str = '<name>', *,
   out.update(max_ref_features=MAX_REF_FEATURES,
              kid_num_subsets=KID_NUM_SUBSETS, kid_subset_size=KID_SUBSET_SIZE)
   fd_dinov2_mode(ev, name)  # checked here, before any compute
+  every = ev.get('cache_every', 0)  # streamed evals; not a protocol option
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) \
+      or every < 0:
+    raise ConfigError(f'evals.{name}.cache_every', every,
+                      'must be an integer >= 0 (chunks per cached feature '
+                      'part; 0 = not streamed)',
+                      f'e.g. --config.evals.{name}.cache_every=10')
   reference.adm_path(ev, name)
   if latent or ev.get('vae'):
     decode.vae_options(ev, name)
