@@ -13,6 +13,15 @@ complete one, so a preempted FID-50K resumes instead of restarting. The
 features of a resumed run equal an uninterrupted run's bit for bit (same
 chunks, same keys, same programs).
 
+Devices: each chunk is sampled over the eval's mesh (`runner.
+compile_sampler`, batch split over every device) and gathered to every
+process (`sharding.to_host`); latents are decoded over the process's local
+devices (`vae.LatentDecoder`); the feature nets run as their extractors do
+(the Inception extractor: one jitted program on the default device). With
+several processes every process extracts every chunk (no cross-process
+split of the features) and writes the same bytes to the cache (atomic
+renames), so a shared workdir is safe.
+
 Samples are not kept (50k ImageNet-256 images are 9.8 GB); the first chunk
 is returned for the sample grid.
 """
@@ -32,6 +41,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from onestep_bench import sharding
 from onestep_bench.evaluators import image_eval
 
 CACHE_DIR = 'eval_cache'
@@ -131,7 +141,7 @@ def stream_features(sample_chunk: Callable[[int], Any], n: int, chunk: int,
   first, pending, lo = None, [], done
   for i in tqdm(range(done, steps), desc=desc, initial=done, total=steps,
                 unit='chunk', disable=steps - done < 2):
-    x = np.asarray(jax.device_get(sample_chunk(i)))[:n - i * chunk]
+    x = np.asarray(sharding.to_host(sample_chunk(i)))[:n - i * chunk]
     if i == 0:
       first = x
     images = image_eval.decode_to_images(x, dataset, ctx.ev,
