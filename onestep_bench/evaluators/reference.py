@@ -37,12 +37,12 @@ from absl import logging
 from onestep_bench.config_check import ConfigError
 from onestep_bench.evaluators import image_metrics, weights_io
 from onestep_bench.evaluators.classifier import cache_dir
+from onestep_bench.evaluators.dataset_reference import MAX_REF_FEATURES
 
 ADM_PREFIX = 'adm:'
 DATASET = ('', 'dataset')  # values meaning "compute from the dataset"
 ADM_KEYS = ('arr_0', 'mu', 'sigma')  # required; mu_s / sigma_s optional
 SPATIAL_KEYS = ('mu_s', 'sigma_s')
-MAX_REF_FEATURES = 10_000  # as image_eval: real features kept for P/R, KID
 
 _SHA: dict[tuple[str, float, int], str] = {}
 
