@@ -10,8 +10,9 @@ anything compiles. In a `bench` run every method gets the same backbone
 config, batch size, optimizer and step budget for a dataset; only
 `config.method` (from `methods/<name>.py:get_config()`) differs. A method may
 build a larger network from that config (transition matching's head:
-toy 112,836 vs the reference 91,650 params): rows record `params` beside the reference
-backbone's `reference_params` and the leaderboard flags the excess.
+toy 112,836 vs the reference 91,650 params): rows record `params` beside
+the reference backbone's `reference_params` and the leaderboard flags the
+excess.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ _IMAGE_EVAL = dict(nfe=(1, 2, 4), n_samples=10_000, batch_size=1000,
                    ref_split='train', ref_n=0, fid_bootstrap=10, pr_k=3,
                    # uint8 rounding as EDM (ADM truncates: 'truncate'); IS
                    # over 5000-sample splits as the ADM evaluator.
-                   quantize='round', is_split_size=5000)
+                   quantize='round', is_split_size=5000,
+                   # FD_DINOv2 beside FID when the converted weights exist
+                   # ('auto'; docs/evaluation.md §8), hub pos-embed resize.
+                   fd_dinov2='auto', dinov2_pos='hub')
 # Quality vs NFE on one sample count (FID-2K is its own metric, never ranked
 # with the main eval's FID-10K / FID-5K).
 _NFE_SWEEP = dict(_IMAGE_EVAL, nfe=(1, 2, 4, 8, 16, 32, 100), n_samples=2000,

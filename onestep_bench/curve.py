@@ -57,6 +57,8 @@ def eval_config(config: ml_collections.ConfigDict
     ev.batch_size = min(int(ev.batch_size), ev.n_samples)
   if 'fid_bootstrap' in ev:
     ev.fid_bootstrap = 0  # a curve point needs the value, not its CI
+  if 'fd_dinov2' in ev:
+    ev.fd_dinov2 = 'off'  # no ViT-L pass at every curve point
   return ml_collections.ConfigDict({CURVE_EVAL: ev})
 
 

@@ -91,7 +91,8 @@ def metric_name(metric: str, n_samples: int) -> str:
   """FID-type names get the sample count ('fid' -> 'fid_50k'); others kept."""
   floor = '_floor' if metric.endswith('_floor') else ''
   base = metric.removesuffix('_floor')
-  if not (base == 'fid' or base.startswith('fid_')) or re.search(
+  fid_like = base in ('fid', 'sfid', 'fd_dinov2') or base.startswith('fid_')
+  if not fid_like or re.search(
       r'_\d+k?$', base):
     return metric
   n = f'{n_samples // 1000}k' if n_samples % 1000 == 0 else str(n_samples)

@@ -3,8 +3,8 @@
 `record(summary)` appends the run's rows to `results/runs.csv` (locked,
 atomic: csvstore.py), regenerates its dataset's leaderboard CSV and
 `LEADERBOARD.md` (leaderboard.py) and `ANALYSIS.md` (analysis.py), the
-run's sample figures and the dataset's plots (plots.py). Import direction: results -> plots ->
-leaderboard -> csvstore.
+run's sample figures and the dataset's plots (plots.py). Import direction:
+results -> {analysis, plots, board_md} -> leaderboard -> csvstore.
 
   python -m onestep_bench.results [--results_dir results]   # rebuild all
 """
