@@ -1,7 +1,8 @@
 """`make perf`: speed and memory as ratios measured side by side in one run.
 
 python -m experiments.perf [--sections=overhead,methods,sampling,memory,
-    dispatch,evaluator] [--backbones=mlp,unet,dit] [--repeats=5] [--quick]
+    dispatch,evaluator,peers,mfu] [--backbones=mlp,unet,dit] [--repeats=5]
+    [--quick]
 
 Writes `results/perf.csv` (one row per figure, with device, versions and git
 SHA) and `results/perf.md`. Every timing is the median over `--repeats`
@@ -54,7 +55,7 @@ from onestep_bench.method import available_methods
 
 _SECTIONS = flags.DEFINE_list(
     'sections', ['overhead', 'methods', 'sampling', 'memory', 'dispatch',
-                 'evaluator', 'mfu'], 'Which figures to measure.')
+                 'evaluator', 'peers', 'mfu'], 'Which figures to measure.')
 _BACKBONES = flags.DEFINE_list('backbones', ['mlp', 'unet', 'dit'],
                                'Backbones for the per-method figures.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Rounds per figure (median).')
@@ -584,6 +585,9 @@ def main(argv):
     perf.dispatch()
   if 'evaluator' in secs:
     perf.evaluator()
+  if 'peers' in secs:  # torchcfm / Drifting demo like for like (parity extra)
+    from experiments.perf_peers import peers_section  # pylint: disable=g-import-not-at-top
+    peers_section(perf)
   perf.write(out)
   for bb in _BACKBONES.value:
     if 'overhead' in secs:
