@@ -388,7 +388,8 @@ def check_eval(config: ml_collections.ConfigDict, name: str,
       require_int(ev, p, k, 0)
   if not str(config.data.name).startswith('toy2d:'):
     from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
-    image_eval.eval_settings(ev, name)  # quantize, IS split size, ...
+    image_eval.eval_settings(  # quantize, IS split size, VAE, reference
+        ev, name, latent=str(config.data.name).startswith('latents:'))
   if ev.get('pr_k') is not None:
     k = require_int(ev, p, 'pr_k', example=3)
     if k >= n:
