@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from onestep_bench.evaluators import weights_io
 from onestep_bench.vae.autoencoder_kl import PRESETS, VAEConfig, build
 
 FORMAT = 'onestep_bench.vae/v1'
@@ -135,20 +136,11 @@ def param_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
 
 def check_params(flat: Mapping[str, Any], config: VAEConfig) -> None:
   """WeightsError unless `flat` has exactly the params of `config`."""
-  expected = param_shapes(config)
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  wrong = [f'{k}: {tuple(np.shape(flat[k]))} != {expected[k]}'
-           for k in sorted(expected) if k in flat
-           and tuple(np.shape(flat[k])) != expected[k]]
-  if missing or unexpected or wrong:
-    def head(xs: list[str]) -> str:
-      return ', '.join(xs[:6]) + (f' ... (+{len(xs) - 6})' if len(xs) > 6
-                                  else '')
-    raise WeightsError(
-        f'VAE params do not match config {config.name!r} ({len(expected)} '
-        f'tensors expected): missing [{head(missing)}]; unexpected '
-        f'[{head(unexpected)}]; wrong shape [{head(wrong)}].')
+  try:
+    weights_io.check_shapes(flat, param_shapes(config),
+                            f'VAE (config {config.name!r})')
+  except ValueError as e:
+    raise WeightsError(str(e)) from None
 
 
 def save(flat: Mapping[str, Any], config: VAEConfig, path: str, *,
