@@ -20,7 +20,6 @@ the one command that makes it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -90,13 +89,7 @@ def resolve_path(path: str | None, name: str) -> str:
   return path
 
 
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file."""
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+file_sha256 = weights_io.file_sha256
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
