@@ -191,7 +191,8 @@ def test_runner_writes_fd_dinov2_as_its_own_record(monkeypatch):
     assert fd[k] == fid[k], k
   rows = leaderboard.rows_from_summary({'evals': [fid, fd]})
   assert {(r['metric'], r['feature_net']) for r in rows} >= {
-      ('fid_4', 'inception_x'), ('fd_dinov2', 'dinov2_x')}
+      ('fid_4', 'inception_x'), ('sfid_4', 'inception_x'),
+      ('fd_dinov2_4', 'dinov2_x')}  # FID-type names carry the sample count
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,8 @@ SD = 0.5
 
 
 def _setup(**kw):
+  if kw.get('method.variant') == 'scd':  # smoke sCD: a fresh teacher
+    kw.setdefault('method.allow_untrained_teacher', True)
   return method_setup('scm', 'toy2d:gaussian', **kw)
 
 
