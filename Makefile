@@ -118,8 +118,12 @@ plan: install  ## Compile every paper protocol, project FLOPs / memory / chip-ho
 	OPENBLAS_NUM_THREADS=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 	  JAX_PLATFORMS=cpu $(PY) -m onestep_bench.plan --out=results/plan $(ARGS)
 
+# Two pytest-xdist workers (one per CI core; --dist loadfile keeps a test
+# file's module fixtures in one worker). TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+TEST_PAR = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install-parity  ## Fast tests incl. pytorch-fid parity (CI runs this).
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(TEST_PAR) $(ARGS)
 
 test-slow: install-parity data  ## Slow tests only.
 	$(PY) -m pytest -q -m slow $(ARGS); rc=$$?; \
