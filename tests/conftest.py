@@ -99,3 +99,35 @@ def count_dots(jaxpr) -> int:
         if hasattr(inner, 'eqns'):
           total += mult * count_dots(inner)
   return total
+
+
+def cli_env(devices: int = 1, **extra) -> dict[str, str]:
+  """Environment of a CLI subprocess: CPU, `devices` fake devices, no JAX_*
+  inherited from the test process."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update(JAX_PLATFORMS='cpu', ONESTEP_TRACEBACK='1',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             **extra)
+  return env
+
+
+def run_two_processes(cmd: list[str], cwd, timeout: int = 600
+                      ) -> list[tuple[str, str]]:
+  """Runs `cmd` as a 2-process jax.distributed job (2 devices each) on a
+  free localhost port; asserts both exit 0; returns their (stdout, stderr).
+  """
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      cmd, cwd=cwd,
+      env=cli_env(2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+                  JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  return outs

@@ -7,16 +7,14 @@ loaded 2-core box (three interpreter starts plus compiles): in `make test`.
 """
 
 import csv
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import final_state, smoke_config
+from conftest import cli_env, final_state, run_two_processes, smoke_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ['--config=experiments/bench.py:method=flow_matching,'
@@ -24,38 +22,16 @@ ARGS = ['--config=experiments/bench.py:method=flow_matching,'
         '--config.evals.main.nfe=(1,)']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, **extra) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
-  env.update(JAX_PLATFORMS='cpu', ONESTEP_TRACEBACK='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             **extra)
-  return env
-
-
 def test_two_processes_match_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   cmd = [sys.executable, '-m', 'onestep_bench.main', *ARGS]
   ref = subprocess.run([*cmd, f'--workdir={one}',
                         f'--results_dir={one}/results'], cwd=ROOT,
-                       env=_env(4), capture_output=True, text=True,
+                       env=cli_env(4), capture_output=True, text=True,
                        timeout=600, check=False)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*cmd, f'--workdir={two}', f'--results_dir={two}/results'], cwd=ROOT,
-      env=_env(2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+  outs = run_two_processes(
+      [*cmd, f'--workdir={two}', f'--results_dir={two}/results'], ROOT)
   # Process 0 recorded the run once; process 1 wrote nothing.
   with open(two / 'results' / 'runs.csv', encoding='utf-8') as f:
     rows = list(csv.DictReader(f))

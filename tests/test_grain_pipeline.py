@@ -11,7 +11,6 @@ import pathlib
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import final_state, smoke_config
+from conftest import cli_env, final_state, run_two_processes, smoke_config
 
 from onestep_bench import checkpoint, sharding, train
 from onestep_bench.config_check import ConfigError
@@ -318,14 +317,6 @@ def get_config():
 '''
 
 
-def _env(devices=1, **extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
-  env.update(JAX_PLATFORMS='cpu', ONESTEP_TRACEBACK='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             **extra)
-  return env
-
-
 def _cli_config(tmp_path, steps, data_dir=''):
   path = tmp_path / 'grain_config.py'
   path.write_text(_CLI_CONFIG.format(dir=data_dir, steps=steps),
@@ -346,12 +337,12 @@ def test_kill_9_then_rerun_on_grain_is_bitwise(tmp_path):
   arrayrecord.main(['--dataset=digits', f'--out={tmp_path / "ar"}'])
   cmd = _cli_config(tmp_path, 400, str(tmp_path / 'ar'))
   ref, run = tmp_path / 'ref', tmp_path / 'killed'
-  done = subprocess.run([*cmd, f'--workdir={ref}'], cwd=ROOT, env=_env(),
+  done = subprocess.run([*cmd, f'--workdir={ref}'], cwd=ROOT, env=cli_env(),
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   kill_at = random.Random().randint(15, 300)
   with open(tmp_path / 'killed.log', 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen([*cmd, f'--workdir={run}'], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([*cmd, f'--workdir={run}'], cwd=ROOT, env=cli_env(),
                             stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 600
   while (proc.poll() is None and _logged(run) < kill_at
@@ -361,7 +352,7 @@ def test_kill_9_then_rerun_on_grain_is_bitwise(tmp_path):
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   killed_at = _logged(run)
-  again = subprocess.run([*cmd, f'--workdir={run}'], cwd=ROOT, env=_env(),
+  again = subprocess.run([*cmd, f'--workdir={run}'], cwd=ROOT, env=cli_env(),
                          capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
   assert 'Resumed from step' in again.stderr, f'killed at {killed_at}'
@@ -370,29 +361,14 @@ def test_kill_9_then_rerun_on_grain_is_bitwise(tmp_path):
   _assert_same_state(config, ref, run)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_on_grain_match_one(tmp_path):
   cmd = _cli_config(tmp_path, 6)
   one, two = tmp_path / 'one', tmp_path / 'two'
-  ref = subprocess.run([*cmd, f'--workdir={one}'], cwd=ROOT, env=_env(4),
+  ref = subprocess.run([*cmd, f'--workdir={one}'], cwd=ROOT, env=cli_env(4),
                        capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*cmd, f'--workdir={two}'], cwd=ROOT,
-      env=_env(2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+  run_two_processes([*cmd, f'--workdir={two}'], ROOT)
   # The same batches: the saved data positions agree, and so do the params.
   for step in ('6',):
     a = json.loads((one / 'checkpoints' / step / 'data' / 'metadata')
