@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onestep_bench.config_check import ConfigError
+from onestep_bench.data import sources
 from onestep_bench.data.sources import DatasetNotFoundError
 from onestep_bench.vae import records, weights
 from onestep_bench.vae.api import VAE, Batched, load_vae
@@ -112,17 +113,8 @@ def encode_fn(config: Any, precision: str, hflip: bool, stat: str,
 
 # ------------------------------------------------------------------- setup
 def _open_source(name: str, split: str, data_dir: str | None) -> Any:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir,
-                            download=False)
-  except Exception as e:  # tfds raises several types for "not prepared"
-    raise DatasetNotFoundError(
-        f'TFDS dataset {name!r} split {split!r} is not prepared in '
-        f'data_dir={data_dir or "~/tensorflow_datasets"} '
-        f'({type(e).__name__}: {e}). Prepare it where the source files are '
-        f'(`tfds build {name} --data_dir=DIR`, ArrayRecord format) and pass '
-        '--data_dir=DIR.') from e
+  return sources.tfds_data_source(name, split, data_dir,
+                                  'pass --data_dir=DIR')
 
 
 def _num_classes(source: Any) -> int | None:

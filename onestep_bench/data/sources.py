@@ -89,20 +89,30 @@ def load_fashion_mnist(directory: str | None = None) -> tuple[Splits, int]:
   return splits, 10
 
 
-def open_tfds(name: str, data_dir: str | None, split: str) -> Any:
-  """`tfds.data_source` of a prepared dataset (random access, no TF)."""
+def tfds_data_source(builder: str, split: str, data_dir: str | None,
+                     fix: str) -> Any:
+  """`tfds.data_source(builder)` of a prepared dataset (random access).
+
+  Needs no TensorFlow. A dataset that is not prepared raises
+  DatasetNotFoundError naming it, the tfds build command and `fix`.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder_name = TFDS_NAMES[name][0]
   try:
-    return tfds.data_source(builder_name, split=split, data_dir=data_dir,
+    return tfds.data_source(builder, split=split, data_dir=data_dir,
                             download=False)
   except Exception as e:  # tfds raises several types for "not prepared"
     raise DatasetNotFoundError(
-        f'TFDS dataset {builder_name!r} split {split!r} is not prepared in '
-        f'data_dir={data_dir or "~/tensorflow_datasets"} ({type(e).__name__}'
-        f'). Prepare it on a machine with the source files (`tfds build '
-        f'{builder_name} --data_dir=DIR`, ArrayRecord format) and set '
-        'config.data.dir=DIR.') from e
+        f'TFDS dataset {builder!r} split {split!r} is not prepared in '
+        f'data_dir={data_dir or "~/tensorflow_datasets"} '
+        f'({type(e).__name__}: {e}). Prepare it on a machine with the '
+        f'source files (`tfds build {builder} --data_dir=DIR`, ArrayRecord '
+        f'format) and {fix}.') from e
+
+
+def open_tfds(name: str, data_dir: str | None, split: str) -> Any:
+  """`tfds.data_source` of the prepared dataset `name` (TFDS_NAMES)."""
+  return tfds_data_source(TFDS_NAMES[name][0], split, data_dir,
+                          'set config.data.dir=DIR')
 
 
 def load_tfds(name: str, data_dir: str | None = None,
