@@ -26,7 +26,8 @@ DEFAULTS = {'method': 'flow_matching', 'dataset': 'toy2d:8gaussians',
             'seed': '0', 'smoke': 'False', 'protocol': 'bench'}
 # 'bench': every method's paper / official defaults. 'tuned': the winner of
 # the one declared tuning procedure (experiments/tuning.py), committed in
-# results/tuning/<family>/<method>.json, applied on top.
+# results/tuning/<family>/<method>.json (family: `tuning.family_of(dataset)`,
+# toy2d or images), applied on top.
 PROTOCOLS = ('bench', 'tuned')
 
 # Per-dataset-family budget: (backbone, train, evals). Toy 2D: 3x128 residual
@@ -185,8 +186,12 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
                       f'{PROTOCOLS}', 'e.g. --config=experiments/bench.py:'
                       'method=...,protocol=tuned')
   if args['protocol'] == 'tuned' and not smoke:
+    from experiments import tuning as tuning_spec  # pylint: disable=g-import-not-at-top
     from onestep_bench import tuning  # pylint: disable=g-import-not-at-top
-    for key, v in tuning.tuned_overrides(args['method'], family).items():
+    # The family's winner (toy2d:* -> toy2d; digits, fashion_mnist, mnist
+    # -> images: experiments/tuning.py FAMILY_DATASETS).
+    for key, v in tuning.tuned_overrides(
+        args['method'], tuning_spec.family_of(args['dataset'])).items():
       sect, name = key.split('.', 1)
       c[sect][name] = tuple(v) if isinstance(v, list) else v
     c.protocol = 'tuned'

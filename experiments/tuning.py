@@ -4,24 +4,47 @@ Every method gets the same procedure (`onestep_bench/tuning.py`): K = 8
 trials — trial 0 is the bench (paper) defaults, trials 1..7 are drawn
 without replacement from the method's grid below with a fixed RNG — each at
 the family's bench budget, on seeds never reported (TRIAL_SEED + trial), on
-a development set that no board ranks, scored on a validation measure that
-is not the reported one (toy: sliced W2 against an independent exact
-reference with its own seed, averaged over NFE 1 and 4). The winner's
-overrides become the method's `tuned` protocol
-(`experiments/bench.py:…,protocol=tuned`), committed with the trial table in
+development data no board scores, on a validation measure that is not the
+reported one, averaged over NFE 1 and 4:
+  toy2d   dev set `toy2d:25gaussians` (never ranked); sliced W2 against an
+          independent exact reference with its own seed.
+  images  dev set `digits` minus a validation split carved from its train
+          split (`data.holdout` = HOLDOUT, `data.holdout_seed` =
+          HOLDOUT_SEED: training never sees those images, and the dev
+          dataset holds no test split); FID in the board's feature space
+          recipe (classifier:digits, trained on the dev train split)
+          against the statistics of the held-out images, never the test
+          split.
+The winner's overrides become the method's `tuned` protocol
+(`experiments/bench.py:…,protocol=tuned`) on every dataset of the family
+(FAMILY_DATASETS), committed with the trial table in
 `results/tuning/<family>/`.
 
 Every space has the shared optimizer axis `train.lr` plus at most three of
 the method's own keys, each the axis its paper ablates (cited); values
-include the paper / official default.
+include the paper / official default. `space(method, family)` is the grid a
+family searches: SPACES, with the family's entries of FAMILY_SPACES on top
+where a toy value does not carry over to images.
 """
 
 from __future__ import annotations
 
-K_TRIALS = 8
+K_TRIALS = 8               # the same K for every method and family
 TRIAL_SEED = 1000          # trial seeds 1000..1007: never a reported seed
-# Development sets (tuned on, never ranked): one per dataset family.
-DEV_SETS = {'toy2d': 'toy2d:25gaussians'}
+# Development sets (tuned on): one per dataset family. The toy one is never
+# ranked; the image one is a ranked dataset, so it is tuned on its train
+# split minus HOLDOUT and scored on that held-out part (see above).
+DEV_SETS = {'toy2d': 'toy2d:25gaussians', 'images': 'digits'}
+# Datasets (the name before ':') a family's winner applies to with
+# protocol=tuned. mnist shares fashion_mnist's bench protocol.
+FAMILY_DATASETS = {'toy2d': ('toy2d',),
+                   'images': ('digits', 'fashion_mnist', 'mnist')}
+# Validation split carved from the dev set's train split (`data.holdout`):
+# 20% of digits' 1437 train images = 287 (the board's test split is 360;
+# the generator then trains on 1150). Families absent here validate on
+# fresh exact samples (toy).
+HOLDOUT = {'images': 0.2}
+HOLDOUT_SEED = 7_919       # `data.holdout_seed`: which images are held out
 VAL_NFE = (1, 4)           # validation objective: mean over these NFEs
 
 _LR = {'train.lr': (3e-4, 1e-3, 3e-3)}  # shared by every method
@@ -87,3 +110,34 @@ SPACES: dict[str, dict[str, tuple]] = {
                   'method.gan_weight': (1e-3, 1e-2),
                   'method.student_update_freq': (5, 10)},
 }
+
+# Per-family replacements of SPACES entries (same keys, so the budget and
+# the number of axes are unchanged). Only where the image default is not a
+# grid value and the toy grid was built around the toy default:
+FAMILY_SPACES: dict[str, dict[str, dict[str, tuple]]] = {
+    'images': {
+        # DTM head width: the toy grid (32, 64) brackets the toy default
+        # 32; images default to 48 (IMAGE_PRESET), kept as the middle value.
+        'transition_matching': {'method.head_width': (32, 48, 64)},
+    },
+}
+
+
+def space(method: str, family: str) -> dict[str, tuple]:
+  """The grid `family` searches for `method` (SPACES + FAMILY_SPACES)."""
+  return {**SPACES[method], **FAMILY_SPACES.get(family, {}).get(method, {})}
+
+
+def family_of(dataset: str) -> str:
+  """The tuning family whose winner `protocol=tuned` applies to `dataset`.
+
+  Raises:
+    ValueError: no family covers the dataset (FAMILY_DATASETS).
+  """
+  name = str(dataset).partition(':')[0]
+  for family, names in FAMILY_DATASETS.items():
+    if name in names:
+      return family
+  raise ValueError(f'dataset {dataset!r} is in no tuning family '
+                   f'({FAMILY_DATASETS}); protocol=tuned needs one '
+                   '(experiments/tuning.py FAMILY_DATASETS).')

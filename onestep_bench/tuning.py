@@ -1,21 +1,36 @@
 """Runs the declared tuning procedure (experiments/tuning.py) for a method.
 
   python -m onestep_bench.tuning --method=meanflow --family=toy2d [--k=8]
+  python -m onestep_bench.tuning --method=meanflow --family=images
 
 Trials run through the normal harness (`train.train_and_evaluate`) at the
 family's bench budget on the development set, with protocol `tuning` and no
 result rows (they are never on a board). Each is scored on the validation
-measure: for toy 2D, sliced W2 of the trial's samples against an exact
-reference of `VAL_REF_N` points drawn with `VAL_SEED` (a seed no run or
-evaluation uses), averaged over the declared NFEs the method supports.
+measure, averaged over the declared NFEs the method supports:
+
+  toy2d   sliced W2 of the trial's samples against an exact reference of
+          `VAL_REF_N` points drawn with `VAL_SEED` (a seed no run or
+          evaluation uses).
+  images  FID of the trial's saved samples against the statistics of a
+          validation split carved from the dev set's train split
+          (`data.holdout`, `data.holdout_seed` from experiments/tuning.py;
+          `ImageValidation`). Every trial (and a distillation teacher)
+          trains on train minus those images, and the dev dataset holds no
+          test split, so neither training nor scoring can read the test
+          statistics. Features: the eval's feature net as the board
+          resolves it (`auto`: classifier:<dataset> for 1-channel sets,
+          trained on the dev train split, so the held-out images are unseen
+          by every network; its accuracy on them must reach the
+          classifier's floor).
+
 Writes `results/tuning/<family>/<method>.csv` (one row per trial: overrides,
 seed, validation scores, training FLOPs) and `<method>.json` (the winning
-overrides, the budget in trials and FLOPs), which `protocol=tuned` applies.
+overrides, the budget in trials and FLOPs), which `protocol=tuned` applies
+on every dataset of the family (experiments/tuning.py FAMILY_DATASETS).
 Distillation methods (`TEACHER_METHOD`) get one teacher: the teacher
-method's bench run on the development set at the first trial seed.
-
-Image families need a validation split carved from train and are not
-supported yet (refused with a clear error, never silently scored on test).
+method's bench run on the development set at the first trial seed. A trial
+whose training diverges (non-finite loss) or whose samples are not finite
+scores +inf (it loses); the procedure goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +43,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from onestep_bench.data.images import HOLDOUT_SPLIT
 
 VAL_SEED = 2**31 - 7
 VAL_REF_N = 100_000
@@ -65,14 +82,95 @@ def validation_score(samples: np.ndarray, dataset: Any) -> float:
                                       dirs))
 
 
+class ImageValidation:
+  """The image validation measure: FID against the held-out split.
+
+  Built once per tuning run on the development dataset (`data.holdout`):
+  the eval's feature net (for `classifier:<data>`, a classifier trained
+  here on the dataset's own train split, i.e. without the held-out images;
+  it is built directly, not through the evaluator's per-process memo,
+  which is keyed by the net's name only), its accuracy on the held-out
+  images checked against `classifier.MIN_ACCURACY`, and the held-out
+  statistics (`dataset_reference.validation_reference_stats`).
+
+  Attributes:
+    feature_net: the resolved feature-net name (as in board rows).
+    ref: the reference entry (mu, sigma, 'key' with split 'validation').
+    accuracy: the classifier's accuracy on the held-out images (None for
+      other feature nets).
+  """
+
+  def __init__(self, dataset: Any, ev: Any):
+    from onestep_bench.evaluators import (  # pylint: disable=g-import-not-at-top
+      classifier,
+      dataset_reference,
+      decode,
+      image_eval,
+    )
+    self.dataset, self.ev = dataset, ev
+    latent = dataset.spec.kind == 'latent'
+    self.settings = image_eval.eval_settings(ev, 'main', latent=latent)
+    self.feature_net = image_eval.feature_net_name(dataset, ev)
+    self.accuracy = None
+    if self.feature_net.startswith('classifier:'):
+      self.extractor = classifier.ClassifierExtractor(dataset)
+      x, y = dataset.split_images(HOLDOUT_SPLIT)
+      self.accuracy = float(np.mean(
+          self.extractor(x)['probs'].argmax(-1) == y))
+      floor = classifier.MIN_ACCURACY.get(dataset.spec.name)
+      if floor is not None and self.accuracy < floor:
+        raise RuntimeError(
+            f'{self.feature_net} (trained on the dev train split) has '
+            f'accuracy {self.accuracy:.4f} on the held-out images, below '
+            f'its {floor} floor: its FID would be meaningless. Check the '
+            'classifier recipe or the holdout (experiments/tuning.py).')
+    else:
+      self.extractor = image_eval.get_extractor(dataset, ev)
+    self.decoder = decode.get_decoder(ev) if latent else None
+    self.ref = dataset_reference.validation_reference_stats(
+        dataset, self.extractor, self.feature_net, decoder=self.decoder)
+
+  def __call__(self, samples: np.ndarray) -> float:
+    """FID of `samples` ([N, H, W, C] in [-1, 1]) vs the held-out split."""
+    from onestep_bench.evaluators import image_eval, image_metrics  # pylint: disable=g-import-not-at-top
+    if not np.all(np.isfinite(samples)):
+      return float('inf')
+    images = image_eval.decode_to_images(samples, self.dataset, self.ev,
+                                         self.settings['quantize'])
+    return image_metrics.fid_from_features(
+        self.extractor(images)['features'], self.ref['mu'], self.ref['sigma'])
+
+  def describe(self) -> dict[str, Any]:
+    """What the winner's json records of the measure."""
+    key = self.ref['key']
+    return {'feature_net': self.feature_net,
+            'feature_weights': str(key['weights_sha256'])[:16],
+            'reference': dict(key),
+            'classifier_holdout_accuracy': self.accuracy,
+            'holdout': self.dataset.holdout}
+
+
+def _holdout(spec: Any, family: str) -> tuple[Any, int] | None:
+  """(data.holdout, data.holdout_seed) of `family`, None for toy families."""
+  h = spec.HOLDOUT.get(family)
+  return None if not h else (h, spec.HOLDOUT_SEED)
+
+
 def _config(method: str, dataset: str, seed: int,
             overrides: dict[str, Any], val_nfe: Sequence[int],
-            smoke: bool = False):
+            smoke: bool = False, holdout: tuple[Any, int] | None = None):
   from experiments.bench import get_config  # pylint: disable=g-import-not-at-top
   c = get_config(f'method={method},dataset={dataset},seed={seed},'
                  f'smoke={smoke}')
   c.protocol = 'tuning'
   c.curve.fractions = ()
+  if holdout:  # image dev set: train minus the held-out validation split
+    c.data.holdout, c.data.holdout_seed = holdout
+    # The harness's own scores of a trial are not the measure (tuning
+    # rescoring its saved samples is); point them at the held-out split
+    # too, and skip what only costs time (FD_DINOv2, bootstrap).
+    c.evals.main.update(ref_split=HOLDOUT_SPLIT, fd_dinov2='off',
+                        fid_bootstrap=0)
   for key, v in overrides.items():
     sect, name = key.split('.', 1)
     c[sect][name] = v
@@ -95,55 +193,86 @@ def tune(method: str, family: str, *, k: int | None = None,
   from onestep_bench.csvstore import atomic_write, csv_text  # pylint: disable=g-import-not-at-top
   from onestep_bench.method import method_module  # pylint: disable=g-import-not-at-top
   if family not in spec.DEV_SETS:
+    hint = ''
+    try:
+      hint = f" ({family} is a dataset of family '{spec.family_of(family)}')"
+    except ValueError:
+      pass
     raise ValueError(f'family={family!r}: the tuning procedure is declared '
-                     f'for {sorted(spec.DEV_SETS)} (images need a validation '
-                     'split carved from train, not implemented yet).')
+                     f'for {sorted(spec.DEV_SETS)}{hint}; use '
+                     '--family=<one of those>.')
   dev = spec.DEV_SETS[family]
+  holdout = _holdout(spec, family)
   k = k or spec.K_TRIALS
-  base = _config(method, dev, 0, {}, spec.VAL_NFE, smoke)
+  space = spec.space(method, family)
+  base = _config(method, dev, 0, {}, spec.VAL_NFE, smoke, holdout)
   defaults = {key: base[key.split('.', 1)[0]][key.split('.', 1)[1]]
-              for key in spec.SPACES[method]}
-  trials = trial_overrides(spec.SPACES[method], k, defaults=defaults)
+              for key in space}
+  trials = trial_overrides(space, k, defaults=defaults)
+  dev_dir = dev.replace(':', '_') + ('_holdout' if holdout else '')
+  # Data (and the image measure: feature net, held-out statistics) first:
+  # a bad holdout or classifier fails before any trial trains.
+  dataset = data.build(base.data)
+  image = dataset.spec.kind != 'toy2d'
+  scorer = ImageValidation(dataset, base.evals.main) if image else (
+      lambda x: validation_score(x, dataset))
   teacher = getattr(method_module(method), 'TEACHER_METHOD', None)
   extra: dict[str, Any] = {}
   if teacher:
-    twd = os.path.join(runs_dir, teacher, dev.replace(':', '_'), 'teacher')
+    twd = os.path.join(runs_dir, teacher, dev_dir, 'teacher')
     if not os.path.exists(os.path.join(twd, 'summary.json')):
       train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
-                                       spec.VAL_NFE, smoke), twd)
+                                       spec.VAL_NFE, smoke, holdout), twd)
     extra['method.teacher_workdir'] = twd
-  dataset = data.build(base.data)
+  metric = 'fid' if image else 'sliced_w2'
   rows = []
   for i, ov in enumerate(trials):
     seed = spec.TRIAL_SEED + i
-    c = _config(method, dev, seed, {**extra, **ov}, spec.VAL_NFE, smoke)
+    c = _config(method, dev, seed, {**extra, **ov}, spec.VAL_NFE, smoke,
+                holdout)
     supported = method_module(method).Method(c, dataset.spec).supported_nfe
     c.evals.main.nfe = tuple(n for n in spec.VAL_NFE if n in supported)
-    wd = os.path.join(runs_dir, method, dev.replace(':', '_'), f'trial{i}')
-    s = train.train_and_evaluate(c, wd)
+    wd = os.path.join(runs_dir, method, dev_dir, f'trial{i}')
+    row = {'trial': i, 'seed': seed, 'overrides': json.dumps(ov)}
+    try:
+      s = train.train_and_evaluate(c, wd)
+    except train.NonFiniteError as e:  # diverged: loses, the others go on
+      rows.append({**row, 'val_score': float('inf'), 'train_flops': None,
+                   'git_sha': train.git_sha(), 'failed': str(e)[:200]})
+      continue
     scores = {}
     for rec in s['evals']:
       path = os.path.join(wd, rec['samples_file'])
       with np.load(path, allow_pickle=False) as z:
-        scores[rec['nfe']] = validation_score(z['x'], dataset)
-    rows.append({'trial': i, 'seed': seed, 'overrides': json.dumps(ov),
-                 'val_score': float(np.mean(list(scores.values()))),
-                 **{f'val_sliced_w2_nfe{n}': v for n, v in scores.items()},
+        v = float(scorer(z['x']))
+      scores[rec['nfe']] = v if np.isfinite(v) else float('inf')
+    rows.append({**row, 'val_score': float(np.mean(list(scores.values()))),
+                 **{f'val_{metric}_nfe{n}': v for n, v in scores.items()},
                  'train_flops': s['total_train_flops'],
                  'git_sha': s['git_sha']})
-  best = min(rows, key=lambda r: r['val_score'])
+  best = min(rows, key=lambda r: (r['val_score'], r['trial']))
   out_dir = os.path.join(results_dir, 'tuning', family)
   first = ['trial', 'seed', 'overrides', 'val_score']
   cols = first + sorted({c for r in rows for c in r} - set(first))
   atomic_write(os.path.join(out_dir, f'{method}.csv'), csv_text(rows, cols))
+  nfes = list(spec.VAL_NFE)
+  if image:
+    h = dataset.holdout
+    validation = (f'FID ({scorer.feature_net}) vs the {h["n_holdout"]} '
+                  f'images held out of the {dev} train split '
+                  f'(data.holdout={h["holdout"]}, holdout_seed='
+                  f'{h["holdout_seed"]}; trials train on the other '
+                  f'{h["n_train"]}), mean over NFE {nfes} supported')
+  else:
+    validation = (f'sliced W2 vs an exact {VAL_REF_N}-point reference '
+                  f'(seed {VAL_SEED}), mean over NFE {nfes} supported')
   winner = {'method': method, 'family': family, 'dev_set': dev,
             'overrides': json.loads(best['overrides']),
             'trial': best['trial'], 'val_score': best['val_score'],
             'budget': {'trials': len(rows), 'train_flops': sum(
                 r['train_flops'] or 0.0 for r in rows)},
-            'validation': f'sliced W2 vs an exact {VAL_REF_N}-point '
-                          f'reference (seed {VAL_SEED}), mean over NFE '
-                          f'{list(spec.VAL_NFE)} supported'}
+            'validation': validation,
+            **({'validation_measure': scorer.describe()} if image else {})}
   atomic_write(os.path.join(out_dir, f'{method}.json'),
                json.dumps(winner, indent=1, default=str) + '\n')
   return winner
@@ -165,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   """CLI (see the module docstring)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--method', required=True)
-  p.add_argument('--family', default='toy2d')
+  p.add_argument('--family', default='toy2d',
+                 help='toy2d | images (experiments/tuning.py DEV_SETS)')
   p.add_argument('--k', type=int, default=None)
   p.add_argument('--results_dir', default='results')
   args = p.parse_args(argv)

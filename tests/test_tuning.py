@@ -14,22 +14,100 @@ from onestep_bench.method import available_methods
 
 def test_every_method_has_a_space_with_the_shared_axis_and_same_k():
   assert set(spec.SPACES) == set(available_methods())
-  for name, space in spec.SPACES.items():
-    assert space['train.lr'] == spec._LR['train.lr'], name
-    assert len(space) <= 4, name  # lr + at most three own axes
-    trials = tuning.trial_overrides(space, spec.K_TRIALS)
-    assert trials[0] == {} and len(trials) == spec.K_TRIALS, name
-    assert len({json.dumps(t, sort_keys=True) for t in trials}) == len(trials)
+  for family in spec.DEV_SETS:
+    for name in spec.SPACES:
+      space = spec.space(name, family)
+      assert set(space) == set(spec.SPACES[name]), (family, name)  # same axes
+      assert space['train.lr'] == spec._LR['train.lr'], name
+      assert len(space) <= 4, name  # lr + at most three own axes
+      trials = tuning.trial_overrides(space, spec.K_TRIALS)
+      assert trials[0] == {} and len(trials) == spec.K_TRIALS, name
+      assert len({json.dumps(t, sort_keys=True) for t in trials}) == len(
+          trials)
   assert tuning.trial_overrides(spec.SPACES['tvm'], 8) == \
       tuning.trial_overrides(spec.SPACES['tvm'], 8)  # deterministic
 
 
-def test_dev_sets_are_never_ranked():
+def test_dev_sets_are_never_ranked_or_scored_on_train_data():
   from experiments.bench import get_config  # pylint: disable=g-import-not-at-top
-  for dev in spec.DEV_SETS.values():
-    assert dev not in ('toy2d:8gaussians', 'toy2d:8gaussians_imbalanced',
-                       'toy2d:checkerboard')
+  for family, dev in spec.DEV_SETS.items():
     get_config(f'dataset={dev}')  # a bench protocol exists for it
+    assert spec.family_of(dev) == family
+    if family == 'toy2d':  # an unranked law
+      assert dev not in ('toy2d:8gaussians', 'toy2d:8gaussians_imbalanced',
+                         'toy2d:checkerboard')
+    else:  # a ranked set: tuned only through a split carved from train
+      assert 0 < spec.HOLDOUT[family] < 1
+
+
+def test_families_cover_the_bench_datasets():
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  assert spec.family_of('toy2d:checkerboard') == 'toy2d'
+  for name in bench._IMAGES:
+    assert spec.family_of(name) == 'images'
+  with pytest.raises(ValueError, match='no tuning family'):
+    spec.family_of('cifar10')
+
+
+def _digits(**kw):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return data.build(ml_collections.ConfigDict(
+      {'name': 'digits', 'dir': '', 'conditional': False, 'hflip': False,
+       'pipeline': 'device', **kw}))
+
+
+def test_holdout_is_disjoint_deterministic_and_never_trained_on():
+  from onestep_bench.data import images  # pylint: disable=g-import-not-at-top
+  # Index level: labels are the example ids.
+  n = 1000
+  splits = {'train': (np.zeros((n, 2, 2, 1), np.uint8), np.arange(n)),
+            'test': (np.zeros((5, 2, 2, 1), np.uint8), np.arange(5))}
+  a, info = images.carve_holdout(splits, 0.2, 7)
+  b, _ = images.carve_holdout(splits, 0.2, 7)
+  c, _ = images.carve_holdout(splits, 0.2, 8)
+  tr, va = set(a['train'][1]), set(a['validation'][1])
+  assert not tr & va and tr | va == set(range(n)) and len(va) == 200
+  assert set(a) == {'train', 'validation'}  # the test split is dropped
+  assert info['dropped_splits'] == ['test']
+  assert np.array_equal(a['validation'][1], b['validation'][1])
+  assert not np.array_equal(a['validation'][1], c['validation'][1])
+  assert len(images.carve_holdout(splits, 300, 7)[0]['validation'][1]) == 300
+  # Digits through data.build: the training arrays exclude the held-out
+  # images (count), and train + validation is the original train split.
+  full = _digits()
+  dev = _digits(holdout=spec.HOLDOUT['images'],
+                holdout_seed=spec.HOLDOUT_SEED)
+  n_full = len(full.split_images('train')[0])
+  h = dev.holdout['n_holdout']
+  assert h == round(spec.HOLDOUT['images'] * n_full)
+  assert sorted(dev.splits) == ['train', 'validation']
+  assert dev.arrays['x'].shape[0] == n_full - h
+  assert dev.label_frequencies().sum() == pytest.approx(1.0)
+  rows = lambda x: sorted(r.tobytes() for r in x)
+  both = np.concatenate([dev.split_images('train')[0],
+                         dev.split_images('validation')[0]])
+  assert rows(both) == rows(full.split_images('train')[0])
+  again = _digits(holdout=spec.HOLDOUT['images'],
+                  holdout_seed=spec.HOLDOUT_SEED)
+  assert np.array_equal(again.split_images('validation')[0],
+                        dev.split_images('validation')[0])
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(holdout=1.5), 'fraction in'),
+    (dict(holdout=-3), 'fraction in'),
+    (dict(holdout='a'), 'fraction in'),
+    (dict(holdout=1437), 'leave at least one'),
+    (dict(holdout=1e-6), 'take at least one'),
+    (dict(holdout=0.2, holdout_seed=-1), 'holdout_seed'),
+    (dict(holdout=0.2, pipeline='grain'), 'host-fed'),
+    (dict(holdout=0.2, name='toy2d:8gaussians'), 'image / latent'),
+])
+def test_bad_holdout_is_one_config_error(kw, match):
+  from onestep_bench.config_check import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=match) as e:
+    _digits(**kw)
+  assert 'config.data.holdout' in str(e.value) and 'Fix:' in str(e.value)
 
 
 def test_validation_reference_is_independent_of_the_scored_one():
@@ -58,8 +136,93 @@ def test_tune_writes_table_and_winner(tmp_path):
   assert got == out['overrides']
   with pytest.raises(ValueError, match='No tuned config'):
     tuning.tuned_overrides('meanflow', 'toy2d', str(tmp_path / 'res'))
-  with pytest.raises(ValueError, match='validation split'):
+  with pytest.raises(ValueError, match="family 'images'"):
     tuning.tune('flow_matching', 'digits', k=1, smoke=True)
+
+
+def _holdout_only(monkeypatch) -> list[str]:
+  """Reference builders refuse any split but 'validation'; returns the log
+  of every split read through `ImageArrays.split_images`. Also gives the
+  test a fresh extractor memo: the dev-train classifier must not leak into
+  later tests' evaluations of the full digits set (same name)."""
+  from onestep_bench.data import images  # pylint: disable=g-import-not-at-top
+  from onestep_bench.evaluators import dataset_reference, image_eval  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(image_eval, '_EXTRACTORS', {})
+  read = []
+  split_images = images.ImageArrays.split_images
+
+  def spy(self, split):
+    read.append(split)
+    return split_images(self, split)
+  monkeypatch.setattr(images.ImageArrays, 'split_images', spy)
+  for mod in (image_eval, dataset_reference):  # every reference builder
+    real = mod.reference_stats
+
+    def guarded(ds, ext, net, split, *a, _real=real, **kw):
+      if split != 'validation':
+        raise AssertionError(f'reference statistics of split {split!r}')
+      return _real(ds, ext, net, split, *a, **kw)
+    monkeypatch.setattr(mod, 'reference_stats', guarded)
+  return read
+
+
+def test_image_validation_is_fid_against_the_holdout(monkeypatch,
+                                                      cheap_classifier):
+  del cheap_classifier
+  from onestep_bench.data.images import to_float  # pylint: disable=g-import-not-at-top
+  from onestep_bench.evaluators import dataset_reference  # pylint: disable=g-import-not-at-top
+  read = _holdout_only(monkeypatch)
+  holdout = tuning._holdout(spec, 'images')
+  c = tuning._config('flow_matching', spec.DEV_SETS['images'], 0, {},
+                     spec.VAL_NFE, True, holdout)
+  assert (c.data.holdout, c.data.holdout_seed) == (spec.HOLDOUT['images'],
+                                                   spec.HOLDOUT_SEED)
+  assert c.evals.main.ref_split == 'validation'
+  dev = data.build(c.data)
+  score = tuning.ImageValidation(dev, c.evals.main)
+  assert score.ref['key']['split'] == 'validation'
+  assert score.ref['key']['n'] == dev.holdout['n_holdout']
+  as_float = lambda x: np.asarray(to_float(x))
+  val = score(as_float(dev.split_images('validation')[0]))
+  train = score(as_float(dev.split_images('train')[0]))
+  noise = score(np.random.RandomState(0).uniform(-1, 1, (500, 8, 8, 1)))
+  assert abs(val) < 1e-3 < train < noise  # the held-out set is the floor
+  assert score(np.full((4, 8, 8, 1), np.nan)) == np.inf
+  assert 'test' not in read
+  with pytest.raises(ValueError, match='data.holdout'):  # not a dev set
+    dataset_reference.validation_reference_stats(
+        _digits(), score.extractor, score.feature_net)
+
+
+@pytest.mark.slow  # ~100 s of CPU; fast twin: the test above
+def test_image_tuning_scores_on_the_holdout_never_test(
+    tmp_path, monkeypatch, cheap_classifier):
+  """digits, k=2 at the smoke budget: FID vs the held-out split only."""
+  del cheap_classifier
+  read = _holdout_only(monkeypatch)
+  out = tuning.tune('flow_matching', 'images', k=2, smoke=True,
+                    results_dir=str(tmp_path / 'results'),
+                    runs_dir=str(tmp_path / 'runs'))
+  assert 'test' not in read and 'validation' in read
+  d = tmp_path / 'results' / 'tuning' / 'images'
+  lines = (d / 'flow_matching.csv').read_text().splitlines()
+  assert len(lines) == 3 and 'val_fid_nfe1' in lines[0]
+  assert 'val_fid_nfe4' in lines[0]
+  assert out['budget']['trials'] == 2 and np.isfinite(out['val_score'])
+  saved = json.loads((d / 'flow_matching.json').read_text())
+  ref = saved['validation_measure']['reference']
+  assert ref['split'] == 'validation' and ref['dataset'] == 'digits'
+  assert saved['validation_measure']['feature_net'] == 'classifier:digits'
+  assert saved['validation_measure']['holdout']['n_holdout'] == 287
+  assert saved['dev_set'] == 'digits' and saved['family'] == 'images'
+  # protocol=tuned on the other image sets reads this family's winner
+  from experiments.bench import get_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  for ds in ('digits', 'fashion_mnist'):
+    c = get_config(f'method=flow_matching,dataset={ds},protocol=tuned')
+    assert c.protocol == 'tuned'
+    for key, v in out['overrides'].items():
+      assert c[key.split('.')[0]][key.split('.')[1]] == v
 
 
 def test_tuned_protocol_applies_the_committed_winner(tmp_path, monkeypatch):
@@ -76,3 +239,13 @@ def test_tuned_protocol_applies_the_committed_winner(tmp_path, monkeypatch):
     get_config('method=tvm,protocol=tuned')
   with pytest.raises(ValueError, match='protocol'):
     get_config('method=tvm,protocol=best')
+  # fashion_mnist (and digits) read the image family's winner
+  d = tmp_path / 'results' / 'tuning' / 'images'
+  d.mkdir(parents=True)
+  (d / 'meanflow.json').write_text(json.dumps(
+      {'overrides': {'train.lr': 3e-3, 'method.adaptive_p': 0.5}}))
+  for ds in ('fashion_mnist', 'digits'):
+    c = get_config(f'method=meanflow,dataset={ds},protocol=tuned')
+    assert c.train.lr == 3e-3 and c.method.adaptive_p == 0.5, ds
+  with pytest.raises(ValueError, match='images'):
+    get_config('method=tvm,dataset=fashion_mnist,protocol=tuned')

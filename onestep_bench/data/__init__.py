@@ -12,7 +12,7 @@ iterator position is checkpointed with the state, so resume stays bitwise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -82,9 +82,12 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
   directory of the harness's ArrayRecord files, data/arrayrecord.py),
   `conditional` (feed class labels; default False), `hflip` (random
   horizontal flips), `latent_scale` (multiplier for `latents:` data),
-  `pipeline` ('device' default | 'grain': a host-fed `StreamedImages`).
+  `pipeline` ('device' default | 'grain': a host-fed `StreamedImages`),
+  `holdout` / `holdout_seed` (in-memory image / latent data: a validation
+  split carved from train, `check_holdout`).
   """
   family, _, sub = config.name.partition(':')
+  holdout, holdout_seed = check_holdout(config)  # before anything is read
   if family == 'toy2d':
     from onestep_bench.data import toy2d  # pylint: disable=g-import-not-at-top
     return toy2d.Toy2D(sub)
@@ -95,20 +98,26 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
   directory = config.get('dir') or None
   kwargs = dict(conditional=bool(config.get('conditional', False)),
                 hflip=bool(config.get('hflip', False)))
+
+  def arrays(splits, k, kind='image', **kw):
+    info = None
+    if holdout:  # a development view: train minus the validation split
+      splits, info = images.carve_holdout(splits, holdout, holdout_seed,
+                                          config.name)
+    return images.ImageArrays(config.name, splits, k, kind=kind,
+                              holdout=info, **kwargs, **kw)
   stored = sub if family == 'latents' else directory
   if arrayrecord.has_split(stored):  # our ArrayRecord files, into memory
     splits, k, kind = arrayrecord.load_splits(
         stored, None if family == 'latents' else family)
-    return images.ImageArrays(config.name, splits, k, kind=kind,
-                              scale=float(config.get('latent_scale', 1.0)),
-                              **kwargs)
+    return arrays(splits, k, kind,
+                  scale=float(config.get('latent_scale', 1.0)))
   if family == 'latents':
     if not sub:
       raise ValueError("Use config.data.name='latents:<directory>'.")
     splits, k = sources.load_latents(sub)
-    return images.ImageArrays(config.name, splits, k, kind='latent',
-                              scale=float(config.get('latent_scale', 1.0)),
-                              **kwargs)
+    return arrays(splits, k, 'latent',
+                  scale=float(config.get('latent_scale', 1.0)))
   if family == 'digits':
     splits, k = sources.load_digits()
   elif family == 'fashion_mnist':
@@ -121,7 +130,48 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
         f'Unknown dataset {config.name!r}. Available: '
         + ', '.join([f'toy2d:{n}' for n in _toy_names()] + list(IMAGE_SETS)
                     + ['latents:<dir>']) + '.')
-  return images.ImageArrays(config.name, splits, k, **kwargs)
+  return arrays(splits, k)
+
+
+def check_holdout(config: ml_collections.ConfigDict) -> tuple[Any, int]:
+  """(`holdout`, `holdout_seed`) of `config.data`, checked before loading.
+
+  `holdout` (default 0 = none): a fraction in (0, 1) or an int count of the
+  train split, removed from it and kept as the split `images.HOLDOUT_SPLIT`
+  ('validation'); the source's other splits (test) are dropped
+  (`images.carve_holdout`). Training never sees the held-out images, and a
+  dataset built with a holdout has no test split. `holdout_seed` (default
+  0; the tuning procedure declares its own, experiments/tuning.py) fixes
+  which images. Only in-memory image / latent data (pipeline 'device').
+
+  Raises:
+    ConfigError: a bad value, toy data, or the host-fed pipeline (the
+      message names the key, the value and the fix).
+  """
+  from onestep_bench.config_check import ConfigError, is_int  # pylint: disable=g-import-not-at-top
+  from onestep_bench.data import images  # pylint: disable=g-import-not-at-top
+  holdout = config.get('holdout', 0)
+  images.holdout_count(holdout, 0)  # type / range; the size check on load
+  seed = config.get('holdout_seed', 0)
+  if seed is None:
+    seed = 0
+  if not is_int(seed) or not 0 <= seed < 2**32:
+    raise ConfigError('data.holdout_seed', seed, 'must be an int in [0, '
+                      '2**32 - 1]', 'e.g. --config.data.holdout_seed=0')
+  if not holdout:
+    return 0, int(seed)
+  family = str(config.get('name')).partition(':')[0]
+  if family == 'toy2d':
+    raise ConfigError('data.holdout', holdout, 'applies to image / latent '
+                      'data only (toy sets are exact samplers with no train '
+                      'split)', 'leave config.data.holdout at 0 for toy2d:'
+                      '<name>; validation there uses fresh exact samples')
+  if (config.get('pipeline') or 'device') == 'grain':
+    raise ConfigError('data.holdout', holdout, "is not implemented for the "
+                      "host-fed pipeline (config.data.pipeline='grain')",
+                      "use config.data.pipeline='device' (in-memory data), "
+                      'or set config.data.holdout=0')
+  return holdout, int(seed)
 
 
 def _toy_names() -> list[str]:

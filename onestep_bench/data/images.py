@@ -101,6 +101,72 @@ def check_split(name: str, split: str, images: np.ndarray,
   return images, labels.astype(np.int32)
 
 
+# The split a `data.holdout` carves from train (`carve_holdout`): named
+# 'validation' so evals can score against it (`evals.<name>.ref_split`).
+HOLDOUT_SPLIT = 'validation'
+
+
+def holdout_count(holdout: Any, n: int, name: str = '') -> int:
+  """Images `data.holdout` takes from a train split of `n` (0 = none).
+
+  Args:
+    holdout: 0 / None (none), a fraction in (0, 1) (rounded to the nearest
+      count), or a whole count >= 1 (an int, or a float like 300.0).
+    n: size of the train split.
+    name: the dataset, for the error.
+
+  Raises:
+    ConfigError: not one of those, or it would hold out no image or every
+      image.
+  """
+  from onestep_bench.config_check import ConfigError, is_real  # pylint: disable=g-import-not-at-top
+  fix = ('e.g. --config.data.holdout=0.2 (a fraction of the train split) '
+         'or =300 (a count); 0 = no holdout')
+  if holdout is None or (is_real(holdout) and holdout == 0):
+    return 0
+  if is_real(holdout) and holdout >= 1 and float(holdout).is_integer():
+    h = int(holdout)  # a count (300.0 too: ConfigDict casts to the type)
+  elif is_real(holdout) and 0 < holdout < 1:
+    h = int(round(float(holdout) * n))
+  else:
+    raise ConfigError('data.holdout', holdout, 'must be 0 (none), a fraction '
+                      'in (0, 1) or a whole count >= 1', fix)
+  if n and not 1 <= h < n:
+    raise ConfigError('data.holdout', holdout, f'holds out {h} of the {n} '
+                      f'train images of {name or "the data"}: it must take at '
+                      'least one and leave at least one', fix)
+  return h
+
+
+def carve_holdout(splits: dict[str, Split], holdout: Any, seed: int,
+                  name: str = '') -> tuple[dict[str, Split], dict[str, Any]]:
+  """{'train': train minus the held-out images, HOLDOUT_SPLIT: them}.
+
+  The held-out indices are the first `holdout_count` of a
+  `np.random.RandomState(seed)` permutation of the train split (sorted), so
+  the split is a pure function of (train split, holdout, seed). Every other
+  split of the source (test, its own validation) is dropped: nothing run on
+  a development dataset can read the test split.
+
+  Returns:
+    (splits, info): info records holdout, seed, the counts, the dropped
+    splits and a sha256 of the held-out indices (provenance).
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  images, labels = splits['train']
+  n = len(images)
+  h = holdout_count(holdout, n, name)
+  perm = np.random.RandomState(seed).permutation(n)
+  held, keep = np.sort(perm[:h]), np.sort(perm[h:])
+  info = {'holdout': holdout, 'holdout_seed': int(seed), 'n_train': int(
+      len(keep)), 'n_holdout': int(h), 'split': HOLDOUT_SPLIT,
+          'dropped_splits': sorted(set(splits) - {'train'}),
+          'indices_sha256': hashlib.sha256(
+              held.astype(np.int64).tobytes()).hexdigest()[:16]}
+  return {'train': (images[keep], labels[keep]),
+          HOLDOUT_SPLIT: (images[held], labels[held])}, info
+
+
 class ImageArrays:
   """An in-memory labelled image dataset with the `Dataset` API.
 
@@ -111,12 +177,15 @@ class ImageArrays:
   Attributes:
     spec: shape (H, W, C); num_classes is 0 when `conditional=False` (labels
       are then neither fed to the model nor used by the evaluator).
+    holdout: None, or `carve_holdout`'s info when the splits are a
+      development view (train minus a held-out validation split).
   """
 
   def __init__(self, name: str, splits: dict[str, Split], num_classes: int,
                *, conditional: bool = False, hflip: bool = False,
                train_split: str = 'train', kind: str = 'image',
-               scale: float = 1.0):
+               scale: float = 1.0, holdout: dict[str, Any] | None = None):
+    self.holdout = holdout
     if train_split not in splits:
       raise ValueError(f'{name}: no split {train_split!r}; have '
                        f'{sorted(splits)}.')

@@ -6,6 +6,10 @@ feature net, cached under a key of (dataset, split, content hash of the
 split, feature net, its weights hash, n; latent data: the VAE's
 `row_fields()`), and the FID floor of held-out images against them
 (docs/evaluation.md). ADM reference batches are `reference.py`.
+
+The tuning procedure's reference (`validation_reference_stats`): the same
+statistics of a development dataset's held-out split (`data.holdout`,
+`images.HOLDOUT_SPLIT`), carved from train, never the test split.
 """
 
 from __future__ import annotations
@@ -111,3 +115,31 @@ def fid_floor(dataset: ImageArrays, extractor: Any, ref: dict[str, Any],
     _FLOORS[key] = image_metrics.frechet_distance(mu, sigma, ref['mu'],
                                                   ref['sigma'])
   return _FLOORS[key]
+
+
+def validation_reference_stats(dataset: ImageArrays, extractor: Any,
+                               feature_net: str, *,
+                               decoder: Any = None) -> dict[str, Any]:
+  """`reference_stats` of the held-out split of a development dataset.
+
+  The validation reference of image tuning (onestep_bench/tuning.py): all
+  images of the split `data.holdout` carved from train, keyed (and cached)
+  like any reference, with split 'validation' and that split's content
+  hash, so it can never be mistaken for (or reuse) the board's statistics.
+
+  Raises:
+    ValueError: the dataset was built without `data.holdout` (its
+      'validation' split, if any, is the source's own, not carved from
+      train), or it still holds a test split.
+  """
+  from onestep_bench.data.images import HOLDOUT_SPLIT  # pylint: disable=g-import-not-at-top
+  info = getattr(dataset, 'holdout', None)
+  if not info or info.get('split') != HOLDOUT_SPLIT:
+    raise ValueError(f'{dataset.spec.name}: no held-out split carved from '
+                     'train; build the data with config.data.holdout > 0 '
+                     '(experiments/tuning.py declares the fraction and seed).')
+  if 'test' in dataset.splits:
+    raise ValueError(f'{dataset.spec.name}: a development dataset must not '
+                     'hold the test split (data.carve_holdout drops it).')
+  return reference_stats(dataset, extractor, feature_net, HOLDOUT_SPLIT,
+                         None, decoder=decoder)
