@@ -165,17 +165,17 @@ def _tuning(head: Mapping[tuple[str, str], tuple[list[Row], str]],
             'the `tuned` protocol has no rows yet.', '']
   out += ['Every method got the same procedure (experiments/tuning.py): the '
           'same number of trials on the development set, each at the bench '
-          'budget, scored on validation sliced W2 (never the ranked '
-          'metric or sets).', '',
+          'budget, scored on its family\'s validation measure (last '
+          'column; never the ranked metric, test statistics or sets).', '',
           '| method | family | dev set | trials | tuning FLOPs | winner | '
-          'val score |', '|---' * 7 + '|']
+          'val score | validation measure |', '|---' * 8 + '|']
   for r in recs:
     ov = ', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or \
         'defaults (trial 0)'
     out.append(f'| {r["method"]} | {r["family"]} | {r["dev_set"]} | '
                f'{r["budget"]["trials"]} | '
                f'{_f(r["budget"]["train_flops"]):.3g} | {ov} | '
-               f'{_f(r["val_score"]):.4g} |')
+               f'{_f(r["val_score"]):.4g} | {r.get("validation", "–")} |')
   out += ['', '`tuned` vs `bench` on the ranked sets (same NFE, eval '
           '`main`): a negative Δ is an improvement for a ↓ metric.', '',
           '| dataset | method | NFE | bench | tuned | Δ | Welch p |',
