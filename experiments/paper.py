@@ -181,6 +181,10 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
                                        'name': values['model.name'].value})
   c.train.update(steps_per_dispatch=1, log_every_steps=100,
                  checkpoint_every_steps=10_000, max_to_keep=2)
+  # Micro-batches per optimizer step (gradient accumulation; 1 = off): a
+  # protocol that does not fit a chip at its published global batch runs
+  # with --config.train.grad_accum=k (`make plan` reports the smallest k).
+  c.train.grad_accum = 1
   # Latents: image FID needs the VAE decoder the harness does not have yet,
   # so latent protocols train without an eval (sample with `make eval`).
   c.evals = ml_collections.ConfigDict(

@@ -376,6 +376,14 @@ def _bcast(t: jax.Array, x: jax.Array) -> jax.Array:
 class Method(base.Method):
   """f-distill with a teacher-initialised student, fake score and D head."""
 
+  # The student step normalises its weights by batch means: h(r) / mean_batch
+  # h(r) (`f_weight`) and the per-t-bin EMA of r (`normalize_ratio`, a state
+  # update per step), so micro-batch gradients would not average to it.
+  grad_accum_refused = ('its student loss normalises the f-weights by their '
+                        'batch mean (h(r) / mean h(r)) and folds batch means '
+                        'into the ratio bins, so micro-batch gradients do not '
+                        'average to the global-batch gradient')
+
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
     """f, ratio / time / D settings, student steps and the teacher source.

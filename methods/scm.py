@@ -419,10 +419,10 @@ class Method(base.Method):
     del phase
     ex = state.extras
     phi = ex.get('weight')
-    fn = lambda p, ph: self.loss_terms(p, ph, ex.get('teacher'), batch, key,
-                                       state.step)
-    (loss, metrics), (g, g_phi) = jax.value_and_grad(
-        fn, argnums=(0, 1), has_aux=True)(state.params, phi)
+    fn = lambda pp, b, k, s: self.loss_terms(pp[0], pp[1], ex.get('teacher'),
+                                             b, k, s.step)
+    (loss, metrics), (g, g_phi) = self.loss_and_grads(
+        (state.params, phi), batch, key, state, fn)
     upd, opt = self.tx.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, upd)
     extras = dict(ex)

@@ -32,6 +32,13 @@ REF_SPLITS = ('train', 'test', 'validation')
 # Integer backbone options where 0 is a valid (shallower) network: the MLP
 # without hidden blocks, the U-Net without residual blocks per level.
 _ZERO_OK = frozenset({'depth', 'num_res_blocks'})
+# Methods refusing `train.grad_accum` > 1 whose module does not (yet) say so
+# itself with `Method.grad_accum_refused` (the class attribute wins).
+GRAD_ACCUM_REFUSED = {
+    'drifting': 'its drifting field couples every generated sample to all '
+                'samples of the batch (positives and negatives), so the loss '
+                'of a micro-batch is not a part of the global-batch loss',
+}
 
 
 class ConfigError(ValueError):
@@ -217,6 +224,7 @@ def validate(config: ml_collections.ConfigDict, method: Any) -> None:
   curve.validate(config, None if isinstance(method, type)
                  else method.supported_nfe)
   method.validate_config(config)
+  check_grad_accum(config, method)
 
 
 _TRAIN_REQUIRED = ('num_steps', 'batch_size', 'lr', 'b1', 'b2',
@@ -244,6 +252,76 @@ def check_train(tc: ml_collections.ConfigDict) -> None:
     require_int(tc, 'train', k)
   if 'max_nonfinite_steps' in tc:
     require_int(tc, 'train', 'max_nonfinite_steps', 0)
+  if 'grad_accum' in tc:
+    k = require_int(tc, 'train', 'grad_accum', example=2)
+    b = tc.batch_size
+    if b % k:
+      ok = [d for d in (2, 4, 8, 16, 32) if b % d == 0]
+      raise ConfigError('train.grad_accum', k, f'must divide train.batch_'
+                        f'size={b} (k equal micro-batches of the global '
+                        'batch)', f'use a divisor, e.g. --config.train.'
+                        f'grad_accum={ok[0] if ok else 1}')
+
+
+def _mesh_devices(mc: Any) -> int | None:
+  """Devices `sharding.make_mesh(mc)` would use (None: it would refuse)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  fsdp, data = int(mc.get('fsdp', 1)), mc.get('data', -1)
+  total = jax.device_count()
+  if fsdp < 1 or total % fsdp:
+    return None
+  return (total // fsdp if data == -1 else int(data)) * fsdp
+
+
+def check_grad_accum(config: ml_collections.ConfigDict, method: Any) -> None:
+  """`train.grad_accum` = k > 1 fits the method, the mesh and the loss.
+
+  Refused when the method's loss couples the samples of a batch
+  (`Method.grad_accum_refused`, or `GRAD_ACCUM_REFUSED` by name), when the
+  batch comes as one-class blocks (`class_groups`: the strided micro-batch
+  split would cut them), when a micro-batch of B / k rows does not divide
+  over the mesh's devices, or when the method's own checks refuse the
+  micro-batch its loss sees (e.g. too few rows for a fixed row split):
+  `method.validate_config` is rerun with train.batch_size = B / k.
+  """
+  k = config.train.get('grad_accum', 1)
+  if k == 1:
+    return
+  b = config.train.batch_size
+  owner = getattr(method, '__module__', '') or 'the method'
+  name = config.method.get('name', '')
+  why = (getattr(method, 'grad_accum_refused', '')
+         or GRAD_ACCUM_REFUSED.get(name, ''))
+  fix = ('use --config.train.grad_accum=1, and fit memory with '
+         'config.mesh.fsdp or a smaller train.batch_size instead')
+  if why:
+    raise ConfigError('train.grad_accum', k, f'{owner} refuses gradient '
+                      f'accumulation: {why}', fix)
+  groups = getattr(method, 'class_groups', 0) or 0
+  if groups and labelled(config):
+    raise ConfigError('train.grad_accum', k, f'{owner} trains on batches of '
+                      f'{groups} one-class blocks (class_groups), which the '
+                      'strided micro-batch split would cut', fix)
+  micro = b // k
+  if config.get('mesh') is not None:
+    n = _mesh_devices(config.mesh)
+    if n and micro % n:
+      raise ConfigError('train.grad_accum', k, f'gives micro-batches of '
+                        f'{micro} rows (train.batch_size={b} / {k}), not '
+                        f'divisible by the {n} devices of the mesh (each '
+                        'micro-batch is split over all of them)',
+                        f'use a k with batch_size / k divisible by {n}, or '
+                        'change train.batch_size / config.mesh')
+  mc = ml_collections.ConfigDict(config.to_dict())
+  mc.train.update(batch_size=micro, grad_accum=1)
+  try:
+    method.validate_config(mc)
+  except ConfigError as e:
+    raise ConfigError('train.grad_accum', k, f'gives micro-batches of '
+                      f'{micro} rows (train.batch_size={b} / {k}), the batch '
+                      f'the loss sees, and {owner} refuses that batch '
+                      f'({e})', 'lower config.train.grad_accum or raise '
+                      'train.batch_size') from None
 
 
 def _enums() -> dict[str, tuple[str, ...]]:

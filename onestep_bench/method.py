@@ -160,6 +160,11 @@ class Method:
   # XLA:CPU runs convolutions inside control flow (cond / while) ~10-35x
   # slower than at top level. Inside a scan the phase is None.
   step_cycle: int = 1
+  # Non-empty: why this method's loss couples the samples of a batch (a
+  # whole-batch statistic, a field over all samples), so that the mean of
+  # micro-batch gradients is not the gradient of the global-batch loss;
+  # `config_check` then refuses `train.grad_accum` > 1 before any compute.
+  grad_accum_refused: str = ''
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -224,17 +229,73 @@ class Method:
     """The static update type of `step` (one compiled program per value)."""
     return step % self.step_cycle
 
+  @property
+  def grad_accum(self) -> int:
+    """Micro-batches per optimizer step: `config.train.grad_accum` (1)."""
+    return int(self.config.train.get('grad_accum', 1))
+
+  def loss_and_grads(self, params: PyTree, batch: Batch, key: jax.Array,
+                     state: TrainState | None,
+                     loss_fn: Callable[..., tuple[jax.Array, Metrics]]
+                     | None = None) -> tuple[tuple[jax.Array, Metrics],
+                                             PyTree]:
+    """((loss, metrics), grads) of `loss_fn` on the global batch.
+
+    `loss_fn(params, batch, key, state)` defaults to `self.loss`; `params`
+    may be any pytree (e.g. a tuple of two networks' params).
+
+    k = `grad_accum` == 1: exactly `jax.value_and_grad(loss_fn,
+    has_aux=True)(params, batch, key, state)`. k > 1 (gradient
+    accumulation): the batch's leading axis is split into k micro-batches
+    of B / k rows, micro-batch i holding rows i, i + k, i + 2k, ... (a
+    strided split, so each keeps the data sharding of the global batch:
+    every device holds B / (k * devices) rows of each); a `lax.scan` takes
+    value_and_grad on micro-batch i with key `fold_in(key, i)`, sums the
+    grads in (at least) float32 and returns their mean, with loss and
+    metrics averaged over the micro-batches. One optimizer update then
+    uses the global-batch gradient: step counts, schedules and the EMA are
+    unchanged, and for a loss that is a mean of per-sample terms the
+    result equals the k = 1 gradient up to the randomness the per-micro-
+    batch keys draw (and float summation order). Methods whose loss couples
+    samples across the batch set `grad_accum_refused` instead.
+    """
+    loss_fn = self.loss if loss_fn is None else loss_fn
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    k = self.grad_accum
+    if k == 1:
+      return grad_fn(params, batch, key, state)
+    micro = split_microbatches(batch, k)
+    acc0 = jax.tree.map(
+        lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+        params)
+
+    def body(acc, xs):
+      i, mb = xs
+      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(key, i),
+                                       state)
+      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+      return acc, (loss, jax.tree.map(jnp.asarray, metrics))
+
+    acc, (losses, metrics) = jax.lax.scan(
+        body, acc0, (jnp.arange(k, dtype=jnp.uint32), micro))
+    grads = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc, params)
+    mean = lambda m: jnp.mean(m.astype(jnp.promote_types(m.dtype,
+                                                         jnp.float32)), 0)
+    return (mean(losses), jax.tree.map(mean, metrics)), grads
+
   def train_step(self, state: TrainState, batch: Batch, key: jax.Array,
                  phase: int | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer step: grad(loss) -> optax -> EMA.
 
     Metrics always include `loss`, `grad_norm`, `param_norm` plus whatever
     `loss` returns. `phase` is `step_phase(step)` as a static int when the
-    harness knows it, else None (see `step_cycle`); unused here.
+    harness knows it, else None (see `step_cycle`); unused here. The
+    gradient is `loss_and_grads` (accumulated over `train.grad_accum`
+    micro-batches when > 1).
     """
     del phase
-    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, key, state)
+    (loss, metrics), grads = self.loss_and_grads(state.params, batch, key,
+                                                 state)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = self.update_ema(state.ema_params, params, state.step)
@@ -317,6 +378,26 @@ class Method:
   def noise(self, key: jax.Array, n: int) -> jax.Array:
     """Standard-normal prior sample, [n, *spec.shape]."""
     return jax.random.normal(key, (n, *self.spec.shape), jnp.float32)
+
+
+def split_microbatches(batch: Batch, k: int) -> Batch:
+  """[B, ...] leaves -> [k, B / k, ...]: micro-batch i = rows i, i + k, ...
+
+  The strided split (reshape to [B / k, k, ...], swap the two axes) keeps
+  the data sharding: when the batch's leading axis is split over the
+  devices in contiguous blocks of B / n rows (n | B / k), each device's
+  block holds B / (k n) rows of every micro-batch, so the split moves no
+  data between devices and every micro-batch is still spread over all of
+  them (tests/test_grad_accum.py checks the compiled step has no
+  collective on the batch).
+  """
+  def split(a):
+    b = a.shape[0]
+    if b % k:
+      raise ValueError(f'batch of {b} rows does not split into '
+                       f'config.train.grad_accum={k} micro-batches.')
+    return jnp.swapaxes(a.reshape(b // k, k, *a.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
 
 
 # -------------------------------------------------------------------- loading

@@ -24,8 +24,10 @@ imported). Reported per protocol:
   whole budget and for FID-50K sampling, beside the compute the paper
   states for its own run (`paper_settings.Compute`) and the MFU that would
   imply; with `--fit`, for each chip the protocol does not fit at the
-  published batch: the smallest FSDP degree, else the batch split (gradient
-  accumulation) that fits, from recompiled memory.
+  published batch: the smallest FSDP degree, else the smallest batch split
+  (`train.grad_accum`, gradient accumulation at FSDP 8) that fits, each
+  variant's real train step recompiled (`fit_search`; columns `fit[chip]`,
+  `fit_fsdp[chip]`, `fit_grad_accum[chip]`, `fit_peak_gib[chip]`).
 
 Writes `<out>.csv` and `<out>.md`.
 """
@@ -297,43 +299,70 @@ def parse_entries(names: Sequence[str]) -> list[Entry]:
 
 
 def fit_search(entry: Entry, config: ml_collections.ConfigDict, base: dict,
-               smoke: bool) -> dict[str, str]:
+               smoke: bool) -> dict[str, dict[str, Any]]:
   """Per chip: fits as is, or the smallest FSDP degree / batch split.
 
-  FSDP degrees 2, 4, 8 shard the whole TrainState over that many of the 8
-  devices; a batch split k (gradient accumulation, k micro-batches of
-  batch / k at FSDP 8) is estimated as the compiled micro-batch step plus
-  one float32 gradient buffer of the params / 8.
-  """
-  cache: dict[tuple[int, int], float] = {(1, 1): base['peak_bytes']}
-  grad_buf = 4 * base['params'] / 8
+  Every variant is the real train step recompiled: FSDP degrees 2, 4, 8
+  shard the whole TrainState over that many of the 8 devices; if none fits,
+  batch splits k = 2, 4, ... (`train.grad_accum`: k micro-batches of
+  batch / k, powers of two while batch / k divides over the 8 devices) at
+  FSDP 8, the published global batch and optimizer unchanged. A method
+  that refuses accumulation (`Method.grad_accum_refused`, config_check),
+  or whose checks refuse the micro-batch, stops the search there.
 
-  def mem(fsdp: int, split: int) -> float:
+  Returns:
+    chip name -> {'verdict': text, 'fsdp': int | '', 'grad_accum': int | '',
+    'peak_gib': float | ''}.
+  """
+  cache: dict[tuple[int, int], float | str] = {(1, 1): base['peak_bytes']}
+
+  def mem(fsdp: int, split: int) -> float | str:
+    """Compiled peak bytes per device, or why the variant is refused."""
     if (fsdp, split) not in cache:
       c = ml_collections.ConfigDict(config.to_dict())
       c.mesh.fsdp = fsdp
-      c.train.batch_size = config.train.batch_size // split
-      cache[(fsdp, split)] = compile_train(c, entry.dataset, flops=False)[
-          'peak_bytes'] + (grad_buf if split > 1 else 0.0)
+      c.train.grad_accum = split
+      try:
+        cache[(fsdp, split)] = compile_train(c, entry.dataset, flops=False)[
+            'peak_bytes']
+      except config_check.ConfigError as e:
+        cache[(fsdp, split)] = e.allowed
     return cache[(fsdp, split)]
 
   out = {}
-  batch = config.train.batch_size
+  batch, devices = config.train.batch_size, jax.device_count()
   for name, chip in CHIPS.items():
     cap = chip.memory * (1e-4 if smoke else 1.0)  # smoke: force a search
-    if mem(1, 1) <= cap:
-      out[name] = 'fits'
-      continue
-    f = next((f for f in (2, 4, 8) if mem(f, 1) <= cap), None)
-    if f is not None:
-      out[name] = f'fsdp={f} ({mem(f, 1) / GIB:.1f} GiB)'
-      continue
-    k, found = 2, ''
-    while batch // k >= 8 and batch % k == 0 and not found:
-      if mem(8, k) <= cap:
-        found = f'fsdp=8 + {k} micro-batches ({mem(8, k) / GIB:.1f} GiB)'
+    found = next(((f, 1) for f in (1, 2, 4, 8) if devices % f == 0
+                  and isinstance(mem(f, 1), float) and mem(f, 1) <= cap),
+                 None)
+    why, k, tried = '', 2, 1
+    while found is None and batch % k == 0 and (batch // k) % devices == 0:
+      m = mem(devices, k)
+      if isinstance(m, str):
+        why = m
+        break
+      tried = k
+      if m <= cap:
+        found = (devices, k)
       k *= 2
-    out[name] = found or 'does not fit at 8 micro-batches/device >= 1'
+    if found is None:
+      last = mem(devices, tried)
+      verdict = (f'does not fit: grad_accum={k} refused ({why})' if why else
+                 f'does not fit at fsdp={devices} + grad_accum={tried} '
+                 f'(micro-batch {batch // tried}, {devices} devices'
+                 + (f': {last / GIB:.1f} GiB)' if isinstance(last, float)
+                    else ')'))
+      out[name] = {'verdict': verdict, 'fsdp': '', 'grad_accum': '',
+                   'peak_gib': ''}
+      continue
+    f, k = found
+    gib = round(float(mem(f, k)) / GIB, 2)
+    verdict = ('fits' if found == (1, 1) else
+               f'fsdp={f}' + (f' + grad_accum={k}' if k > 1 else '')
+               + f' ({gib:.1f} GiB)')
+    out[name] = {'verdict': verdict, 'fsdp': f, 'grad_accum': k,
+                 'peak_gib': gib}
   return out
 
 
@@ -396,8 +425,10 @@ def plan_entry(entry: Entry, mfu: float, fit: bool, smoke: bool,
       proj = total / (c.chips * peak * mfu) / 3600
       row['projected_vs_stated'] = round(proj / c.hours, 2)
   if fit and compile_:
-    for name, verdict in fit_search(entry, config, tr, smoke).items():
-      row[f'fit[{name}]'] = verdict
+    for name, fit_ in fit_search(entry, config, tr, smoke).items():
+      row[f'fit[{name}]'] = fit_['verdict']
+      for k in ('fsdp', 'grad_accum', 'peak_gib'):
+        row[f'fit_{k}[{name}]'] = fit_[k]
   row['compile_s'] = round(tr['compile_s'] + sum(
       s['compile_s'] for s in samp.values()), 1)
   row['wall_s'] = round(time.perf_counter() - t0, 1)
@@ -448,7 +479,11 @@ def write(rows: list[dict[str, Any]], stem: str, mfu: float) -> None:
   fits = ['protocol'] + [k for k in cols if k.startswith('fit[')]
   if len(fits) > 1:
     lines += ['', '## Memory fit at the published batch (8 chips)', '',
-              _md_table(rows, fits)]
+              '`fsdp=F`: the TrainState sharded over F devices; `+ '
+              'grad_accum=k`: the global batch as k micro-batches '
+              '(`train.grad_accum`, one optimizer step per batch), each '
+              'variant recompiled; the GiB are its compiled peak per device.',
+              '', _md_table(rows, fits)]
   with open(stem + '.md', 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
 

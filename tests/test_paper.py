@@ -117,6 +117,52 @@ def test_spec_dataset_draws_real_shapes_and_groups():
   assert (y[:4] == y[0]).all() and (y[4:] == y[4]).all() and y.max() < 1000
 
 
+def test_fit_search_finds_smallest_fsdp_then_grad_accum(monkeypatch):
+  """The search order on a fake memory model (no compile): state / fsdp +
+  activations / grad_accum; a method refusing accumulation stops it."""
+  from onestep_bench import plan  # pylint: disable=g-import-not-at-top
+  mb = 2 ** 20
+  seen, model = [], {'state': 4 * mb, 'act': 16 * mb}
+
+  def fake_compile(c, dataset, flops=True):
+    del dataset, flops
+    config_check.validate(c, method_module(c.method.name).Method)
+    f, k = c.mesh.fsdp, c.train.grad_accum
+    seen.append((f, k))
+    return {'peak_bytes': float(model['state'] / f + model['act'] / k)}
+
+  monkeypatch.setattr(plan, 'compile_train', fake_compile)
+  entry = plan.Entry('flow_matching', 'cifar10')
+  config = entry.config(smoke=True)
+  config.train.batch_size = 64
+  # Smoke caps (memory x 1e-4): 8.19 MiB (H100), 9.73 (v5p), 3.28 (v6e);
+  # fsdp 8 + k micro-batches: 8.5 MiB (k = 2), 4.5 (4), 2.5 (8).
+  fit = plan.fit_search(entry, config, {'peak_bytes': 20.0 * mb}, smoke=True)
+  assert fit['H100 SXM']['fsdp'] == 8 and fit['H100 SXM']['grad_accum'] == 4
+  assert fit['TPU v5p']['grad_accum'] == 2
+  assert fit['TPU v6e']['grad_accum'] == 8
+  assert fit['TPU v6e']['verdict'] == 'fsdp=8 + grad_accum=8 (0.0 GiB)'
+  assert seen == [(2, 1), (4, 1), (8, 1), (8, 2), (8, 4), (8, 8)]  # cached
+  # A state-bound model: FSDP alone first, then accumulation, else no fit.
+  model.update(state=30 * mb, act=2 * mb)
+  st = plan.fit_search(entry, config, {'peak_bytes': 32.0 * mb}, smoke=True)
+  assert (st['TPU v5p']['fsdp'], st['TPU v5p']['grad_accum']) == (4, 1)
+  assert (st['H100 SXM']['fsdp'], st['H100 SXM']['grad_accum']) == (8, 1)
+  assert st['TPU v6e']['verdict'] == ('does not fit at fsdp=8 + grad_accum=8 '
+                                      '(micro-batch 8, 8 devices: 0.0 GiB)')
+  big = plan.fit_search(entry, config, {'peak_bytes': 1.0 * mb}, smoke=True)
+  assert all(v['verdict'] == 'fits' for v in big.values())
+  # f_distill refuses grad_accum > 1 (config_check): the search says so.
+  model.update(state=4 * mb, act=16 * mb)
+  fd = plan.Entry('f_distill', 'cifar10')
+  fc = fd.config(smoke=True)
+  fc.train.batch_size = 64
+  out = plan.fit_search(fd, fc, {'peak_bytes': 20.0 * mb}, smoke=True)
+  for v in out.values():
+    assert v['verdict'].startswith('does not fit: grad_accum=2 refused')
+    assert 'batch mean' in v['verdict'] and v['grad_accum'] == ''
+
+
 # ------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_plan_compiles_smoke_protocols(tmp_path):
@@ -137,6 +183,8 @@ def test_plan_compiles_smoke_protocols(tmp_path):
   # A forced fit search (capacity shrunk in smoke) recompiles and answers.
   fit = plan.plan_entry(entries[0], 0.4, fit=True, smoke=True)
   assert all(v for k, v in fit.items() if k.startswith('fit['))
+  for chip in plan.CHIPS:  # each verdict has its (fsdp, grad_accum) columns
+    assert f'fit_grad_accum[{chip}]' in fit and f'fit_fsdp[{chip}]' in fit
   plan.write(rows + [fit], str(tmp_path / 'plan'), 0.4)
   md = (tmp_path / 'plan.md').read_text()
   assert 'XLA:CPU' in md and 'meanflow/imagenet256_latent' in md
