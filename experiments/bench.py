@@ -160,6 +160,7 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
       warmup_steps=0, schedule='constant', grad_clip=0.0,
       ema_decay=0.999,          # toy runs are short: 0.999 ~ last 1k steps
       steps_per_dispatch=50,    # lax.scan steps per jit call (dispatch-bound)
+      grad_accum=1,             # k micro-batches per step (method.py; memory)
       log_every_steps=100, checkpoint_every_steps=1000, max_to_keep=2,
       max_nonfinite_steps=0))   # stop at the first non-finite loss
   c.train.update(proto['train'])

@@ -69,16 +69,33 @@ def main(argv: list[str]) -> None:
 # (NFE, sample count, guidance) are recorded per row and never change what was
 # trained; the mesh is placement, not maths; the seed is a row column.
 PROTOCOL_NEUTRAL = frozenset({'evals', 'curve', 'mesh', 'seed'})
+# Single keys that keep the protocol: `train.grad_accum` splits the same
+# global batch into micro-batches (same update for per-sample-mean losses,
+# methods that are not refuse it: config_check), so a paper run that needs
+# it to fit memory is still that paper's protocol.
+PROTOCOL_NEUTRAL_KEYS = frozenset({'train.grad_accum'})
+
+
+def _flat_keys(overrides: Mapping[str, Any], prefix: str = '') -> set[str]:
+  out = set()
+  for k, v in overrides.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, Mapping) and v:
+      out |= _flat_keys(v, key + '.')
+    else:
+      out.add(key)
+  return out
 
 
 def protocol_after_overrides(protocol: str, overrides: Mapping[str, Any]
                              ) -> str:
-  """'custom' if any override (flat dotted key) is outside PROTOCOL_NEUTRAL.
+  """'custom' if any override is outside PROTOCOL_NEUTRAL(_KEYS).
 
   `config_flags.get_override_values` returns a nested dict in some versions
   and flat dotted keys ('evals.main.nfe') in others: both are handled.
   """
-  tops = {str(k).split('.', 1)[0] for k in overrides}
+  keys = _flat_keys(overrides) - PROTOCOL_NEUTRAL_KEYS
+  tops = {k.split('.', 1)[0] for k in keys}
   return protocol if tops <= PROTOCOL_NEUTRAL else 'custom'
 
 

@@ -87,6 +87,11 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     dc.pop(k, None)
   if dc.get('pipeline', 'device') in ('device', None):
     dc.pop('pipeline', None)
+  # Gradient accumulation: k = 1 is the plain step; left out so configs
+  # without the key keep their hash (k > 1 draws its noise per micro-batch).
+  tc = d.get('train') or {}
+  if tc.get('grad_accum', 1) in (1, None):
+    tc.pop('grad_accum', None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
                         .encode()).hexdigest()[:12]
 

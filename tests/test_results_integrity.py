@@ -94,6 +94,24 @@ def test_eval_overrides_keep_the_protocol():
       'bench', {'curve.fractions': (), 'mesh.fsdp': 2}) == 'bench'
   assert main.protocol_after_overrides(
       'bench', {**flat, 'train.lr': 1e-4}) == 'custom'
+  # Gradient accumulation keeps the protocol (same global batch); any other
+  # train key beside it does not, flat or nested.
+  assert main.protocol_after_overrides(
+      'paper', {'train.grad_accum': 4}) == 'paper'
+  assert main.protocol_after_overrides(
+      'paper', {'train': {'grad_accum': 4}}) == 'paper'
+  assert main.protocol_after_overrides(
+      'paper', {'train': {'grad_accum': 4, 'lr': 1e-4}}) == 'custom'
+
+
+def test_grad_accum_default_keeps_the_config_hash():
+  c = smoke_config('flow_matching')
+  h1 = train.config_hash(c)
+  with c.unlocked():
+    c.train.grad_accum = 1
+  assert train.config_hash(c) == h1
+  c.train.grad_accum = 2
+  assert train.config_hash(c) != h1
 
 
 def test_eval_override_keeps_the_train_config_hash(tmp_path):
