@@ -86,8 +86,11 @@ points whose k-NN ball holds a generated sample; ≈ 0.97 for two draws of
 one law, ≤ 1/K on one of K equal modes) see them; see `coverage_stats`.
 
 Layout (over the ~400-line guide of issue 19: about half is the docstrings
-and measured evidence the spec cites): the field (`drift_field`,
-`drift_loss`, `coverage_stats`); the image path's pure pieces
+and measured evidence the spec cites): the field itself (`drift_field`,
+`coverage_stats`; dense, or for toy vectors above 4 MiB per [G, N, M]
+array query-blocked) lives in methods/_drifting_field.py and is
+re-exported here; here are `drift_loss` (eq. 1); the image path's pure
+pieces
 (`cfg_negatives`, `feature_loss`, `image_sample_metrics`); `Method`, whose
 `loss` dispatches to `_toy_loss` (raw vectors, spec §1.8) or `_image_loss`
 (feature keys from `_pixel_features` / `_encoder_features`, spec §1.4-1.5).
@@ -96,21 +99,22 @@ and measured evidence the spec cites): the field (`drift_field`,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from methods._drifting_field import (
+    COVERAGE_K,
+    _cdist,
+    coverage_stats,
+    drift_field,
+)
 from onestep_bench import config_check as cc
 from onestep_bench import method as base
 from onestep_bench.data import toy2d
 
-_HI = jax.lax.Precision.HIGHEST  # fp32 distances even where TF32 is default
-
-# Neighbour rank of the logged `coverage` (Naeem et al. 2020 use k = 5).
-COVERAGE_K = 5
 # Smallest temperature, in normalised-distance units (feature_norm=True),
 # on any data: below it the kernel is a hard nearest-neighbour assignment
 # and the field of one τ is carried by a handful of queries (see the
@@ -220,184 +224,6 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------- field
-def _cdist(x: jax.Array, y: jax.Array) -> jax.Array:
-  """‖x_i - y_k‖₂, squared distance clamped ≥ 1e-8 (official `cdist`).
-
-  Args:
-    x: [G, N, C].
-    y: [G, M, C].
-
-  Returns:
-    [G, N, M] float32.
-  """
-  # Centre per group first: translation-invariant, and it keeps the
-  # |x|² + |y|² - 2xy expansion accurate for data far from the origin.
-  mu = jnp.mean(y, axis=1, keepdims=True)
-  x, y = x - mu, y - mu
-  xy = jnp.einsum('gnc,gmc->gnm', x, y, precision=_HI)
-  sq = (jnp.sum(x * x, -1)[:, :, None] + jnp.sum(y * y, -1)[:, None, :]
-        - 2.0 * xy)
-  return jnp.sqrt(jnp.maximum(sq, 1e-8))
-
-
-def _log_mass_and_mean(log_a: jax.Array,
-                       t: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Row mass log Σ_k A_ik and mean Σ_k A_ik T_k / Σ_k A_ik, stably.
-
-  Args:
-    log_a: [G, N, K] log affinities (may hold -inf for zero weights).
-    t: [G, K, C] target coordinates.
-
-  Returns:
-    ([G, N] log row mass (-inf if empty), [G, N, C] weighted mean of T).
-  """
-  mx = jnp.max(log_a, -1, keepdims=True)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  e = jnp.exp(log_a - mx)
-  mass = jnp.sum(e, -1)
-  mean = jnp.einsum('gnk,gkc->gnc', e, t, precision=_HI)
-  mean = mean / jnp.maximum(mass, 1e-30)[..., None]
-  return mx[..., 0] + jnp.log(mass), mean
-
-
-def _log_weights(w: jax.Array | None, g: int, m: int) -> jax.Array:
-  """[G, M] log target weights (log 0 = -inf); None means unit weights."""
-  if w is None:
-    return jnp.zeros((g, m), jnp.float32)
-  w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (g, m))
-  return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
-
-
-def coverage_stats(d_gen: jax.Array, d_pos: jax.Array,
-                   k: int = COVERAGE_K) -> dict[str, jax.Array]:
-  """Mode-collapse metrics from generated->data and data->data distances.
-
-  nn_dist (generated -> nearest data point) stays small when every sample
-  sits in one mode; these look from the data side instead:
-
-  * `nn_dist_rev`: mean over data points y_j of min_i ‖x_i - y_j‖, the
-    distance from each data point to its nearest generated sample.
-  * `coverage`: Naeem, Oh, Uh, Choi, Yoo 2020, "Reliable Fidelity and
-    Diversity Metrics for Generative Models", eq. 4:
-    (1/M) Σ_j 1[∃ i: ‖x_i - y_j‖ < NND_k(y_j)], with NND_k(y_j) the
-    distance from y_j to its k-th nearest other data point. For N = M
-    samples of the same law E[coverage] = 1 - Π_{l=1..k} (M-l)/(M+N-l)
-    ≈ 1 - 2^-k (0.97 at k = 5, their default); a sample in one of K equal
-    modes scores ≤ 1/K.
-
-  Args:
-    d_gen: [G, N, P] distances from generated samples to data points.
-    d_pos: [G, P, P] distances among the data points (diagonal included;
-      it is masked here).
-    k: neighbour rank of the coverage radius (clipped to P - 1).
-
-  Returns:
-    {'nn_dist_rev', 'coverage'}: scalars, averaged over groups and data
-    points; `coverage` is left out when P < 2.
-  """
-  p = d_pos.shape[-1]
-  rev = jnp.min(d_gen, axis=-2)  # [G, P]
-  out = dict(nn_dist_rev=jnp.mean(rev))
-  if p >= 2:
-    # rev_j < NND_k(y_j)  <=>  fewer than k other data points lie within
-    # rev_j of y_j: one compare-and-count pass (XLA:CPU's top_k on [P, P]
-    # costs more than the whole field).
-    d_pos = d_pos + jnp.where(jnp.eye(p, dtype=bool), jnp.inf, 0.0)
-    inside = jnp.sum(d_pos <= rev[..., None], axis=-1)  # [G, P]
-    out['coverage'] = jnp.mean((inside < min(k, p - 1)).astype(jnp.float32))
-  return out
-
-
-def drift_field(
-    x: jax.Array, pos: jax.Array, neg: jax.Array, *,
-    temperatures: Sequence[float] = (0.02, 0.05, 0.2),
-    pos_weights: jax.Array | None = None,
-    neg_weights: jax.Array | None = None,
-    self_mask: bool = True, feature_norm: bool = True,
-    drift_norm: bool = True, floor: float = 0.0, coverage_k: int = 0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The drifting field V(x) on groups of vectors (spec §1.3), no gradient.
-
-  Args:
-    x: [G, N, C] generated vectors (queries).
-    pos: [G, P, C] positive (data) vectors.
-    neg: [G, Q, C] negative vectors. With `self_mask`, the first N of them
-      must be `x` itself (official layout [gen | extra negatives]); their
-      diagonal is masked with +100 normalised distance units.
-    temperatures: kernel temperatures τ (normalised units if
-      `feature_norm`, data units otherwise); the field sums over them.
-    pos_weights: [G, P] or [P] or None (ones); applied after the softmaxes.
-    neg_weights: [G, Q] or [Q] or None (ones), e.g. CFG weight w on
-      unconditional negatives.
-    self_mask: mask the generated-generated diagonal (needs Q ≥ N).
-    feature_norm: divide by the global scale (paper A.6); else raw units.
-    drift_norm: scale each V_τ to unit RMS before summing (paper A.6).
-    floor: floor on softmax_row·softmax_col (official 1e-6; 0 = none).
-    coverage_k: > 0 adds `coverage` (`coverage_stats`, this k) to the
-      stats; costs one [G, P, P] distance matrix among the positives.
-
-  Returns:
-    v: [G, N, C] field in normalised coordinates x/ρ (the regression target
-      is x/ρ + v); ρ = 1 without `feature_norm`.
-    stats: scalars `scale` (s), `rho` (ρ), `field_rms` (RMS of Σ_τ V_τ
-      before drift normalisation, data units), `nn_dist` (mean distance
-      of x to its nearest positive, data units), `nn_dist_rev` (mean
-      distance of a positive to its nearest x: blind to neither side, it
-      grows when q drops modes of p) and, with `coverage_k`, `coverage`.
-  """
-  sg = lambda a: jax.lax.stop_gradient(jnp.asarray(a, jnp.float32))
-  x, pos, neg = sg(x), sg(pos), sg(neg)
-  g, n, c = x.shape
-  q = neg.shape[1]
-  if self_mask and q < n:
-    raise ValueError(f'self_mask needs the generated set first among the '
-                     f'negatives: got {q} negatives for {n} queries.')
-  targets = jnp.concatenate([neg, pos], axis=1)  # [G, M, C]
-  logw = jnp.concatenate([_log_weights(neg_weights, g, q),
-                          _log_weights(pos_weights, g, pos.shape[1])], 1)
-  dist = _cdist(x, targets)  # [G, N, M]
-  w = jnp.exp(logw)
-  scale = jnp.mean(dist * w[:, None, :]) / jnp.mean(w)
-  if feature_norm:
-    rho = jnp.maximum(scale / math.sqrt(c), 1e-3)
-    dist_n = dist / jnp.maximum(scale, 1e-3)
-  else:
-    rho, dist_n = jnp.ones((), jnp.float32), dist
-  if self_mask:
-    dist_n = dist_n + 100.0 * jnp.eye(n, targets.shape[1], dtype=jnp.float32)
-  t_n = targets / rho
-
-  v, v_raw = jnp.zeros_like(x), jnp.zeros_like(x)
-  for tau in temperatures:
-    logits = -dist_n / tau
-    log_a = 0.5 * (jax.nn.log_softmax(logits, -1)
-                   + jax.nn.log_softmax(logits, -2))
-    if floor > 0:
-      log_a = jnp.maximum(log_a, 0.5 * math.log(floor))
-    log_a = log_a + logw[:, None, :]
-    log_sn, mean_n = _log_mass_and_mean(log_a[..., :q], t_n[:, :q])
-    log_sp, mean_p = _log_mass_and_mean(log_a[..., q:], t_n[:, q:])
-    log_pair = log_sp + log_sn  # [G, N]: log S⁺S⁻
-    diff = mean_p - mean_n      # V_τ = S⁺S⁻ (E⁺[T] - E⁻[T])
-    v_tau = jnp.exp(log_pair)[..., None] * diff
-    v_raw = v_raw + v_tau
-    if drift_norm:
-      top = jnp.max(log_pair)
-      top = jnp.where(jnp.isfinite(top), top, 0.0)
-      v_rel = jnp.exp(log_pair - top)[..., None] * diff
-      v = v + v_rel / jnp.sqrt(jnp.maximum(jnp.mean(v_rel**2), 1e-8))
-    else:
-      v = v + v_tau
-  d_gen = dist[..., q:]  # [G, N, P] generated -> positives, data units
-  stats = dict(scale=scale, rho=rho,
-               field_rms=rho * jnp.sqrt(jnp.mean(v_raw**2)),
-               nn_dist=jnp.mean(jnp.min(d_gen, -1)),
-               nn_dist_rev=jnp.mean(jnp.min(d_gen, -2)))
-  if coverage_k > 0:
-    stats.update(coverage_stats(d_gen, _cdist(pos, pos), coverage_k))
-  return v, stats
-
-
 def drift_loss(
     x: jax.Array, pos: jax.Array, extra_neg: jax.Array | None = None, *,
     pos_weights: jax.Array | None = None,
