@@ -100,6 +100,9 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes (tests).')
 _OUT = flags.DEFINE_string('out', 'results/plan', 'Output path stem.')
 _COMPILE = flags.DEFINE_bool('compile', True, 'Compile (memory); --nocompile'
                              ' counts params and FLOPs only (fast).')
+_RESUME = flags.DEFINE_bool('resume', True, 'Keep the rows of an existing '
+                            '<out>.csv planned with the same --mfu / --fit / '
+                            '--smoke / --compile and plan only the others.')
 
 
 # ================================================================== data
@@ -495,15 +498,39 @@ def _md_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
   return '\n'.join(out)
 
 
+def planned_rows(stem: str, settings: str) -> dict[str, dict[str, Any]]:
+  """Rows of an earlier `<stem>.csv` made with `settings`, by protocol."""
+  if not os.path.exists(stem + '.csv'):
+    return {}
+  with open(stem + '.csv', newline='', encoding='utf-8') as f:
+    return {r['protocol']: r for r in csv.DictReader(f)
+            if r.get('plan_settings') == settings}
+
+
 def main(argv: Sequence[str]) -> None:
-  """Plans the --protocols, writes <out>.csv and <out>.md."""
+  """Plans the --protocols, writes <out>.csv and <out>.md after each one.
+
+  The files are rewritten after every protocol, so an interrupted plan keeps
+  what it compiled; rerun it and (--resume) only the rest is compiled.
+  """
   del argv
+  settings = (f'mfu={_MFU.value},fit={_FIT.value},smoke={_SMOKE.value},'
+              f'compile={_COMPILE.value}')
+  done = planned_rows(_OUT.value, settings) if _RESUME.value else {}
   rows = []
   for entry in parse_entries(_PROTOCOLS.value):
+    if entry.name in done:
+      rows.append(done[entry.name])
+      print(f'{entry.name}: kept from {_OUT.value}.csv', flush=True)
+      continue
     t0 = time.perf_counter()
-    rows.append(plan_entry(entry, _MFU.value, _FIT.value, _SMOKE.value,
-                           _COMPILE.value))
-    print(f'{entry.name}: {time.perf_counter() - t0:.1f} s', flush=True)
+    row = plan_entry(entry, _MFU.value, _FIT.value, _SMOKE.value,
+                     _COMPILE.value)
+    row['plan_settings'] = settings
+    row['plan_wall_s'] = round(time.perf_counter() - t0, 1)
+    rows.append(row)
+    print(f'{entry.name}: {row["plan_wall_s"]} s', flush=True)
+    write(rows, _OUT.value, _MFU.value)
   write(rows, _OUT.value, _MFU.value)
 
 

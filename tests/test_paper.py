@@ -163,6 +163,18 @@ def test_fit_search_finds_smallest_fsdp_then_grad_accum(monkeypatch):
     assert 'batch mean' in v['verdict'] and v['grad_accum'] == ''
 
 
+def test_plan_resume_keeps_only_rows_of_the_same_settings(tmp_path):
+  from onestep_bench import plan  # pylint: disable=g-import-not-at-top
+  stem = str(tmp_path / 'plan')
+  assert plan.planned_rows(stem, 'a') == {}
+  rows = [{'protocol': 'fm/cifar10', 'params_m': 1.0, 'plan_settings': 'a'},
+          {'protocol': 'mf/cifar10', 'params_m': 2.0, 'plan_settings': 'b'}]
+  plan.write(rows, stem, 0.4)
+  kept = plan.planned_rows(stem, 'a')
+  assert list(kept) == ['fm/cifar10']
+  assert kept['fm/cifar10']['params_m'] == '1.0'
+
+
 # ------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_plan_compiles_smoke_protocols(tmp_path):
