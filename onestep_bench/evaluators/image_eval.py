@@ -64,6 +64,9 @@ Reference source, latent decoding and streaming (`config.evals.<name>.<key>`):
                   workdir every `cache_every` chunks; a preempted eval
                   resumes from the cache (`streaming.py`). 0 (default): all
                   samples first. Not a protocol option (same numbers).
+                  With the eval's mesh (`prepare(..., mesh)`) the feature
+                  nets are split over its devices and processes
+                  (`sharded_features.py`).
   vae, vae_config latent datasets: the VAE that decodes samples (and the
                   reference split's latents) before the feature net
                   (`decode.py`); its `row_fields()` join `settings`.
@@ -72,7 +75,7 @@ Reference source, latent decoding and streaming (`config.evals.<name>.<key>`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
@@ -90,6 +93,9 @@ from onestep_bench.evaluators.dataset_reference import (  # noqa: F401 (API)
   fid_floor,
   reference_stats,
 )
+
+if TYPE_CHECKING:
+  from jax.sharding import Mesh
 
 KID_NUM_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
@@ -275,7 +281,8 @@ def decode_to_images(samples: np.ndarray, dataset: ImageArrays,
 
 
 def score_images(samples: np.ndarray, dataset: ImageArrays,
-                 ev: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+                 ev: ml_collections.ConfigDict, seed: int, *,
+                 mesh: Mesh | None = None) -> dict[str, Any]:
   """FID, bootstrap CI, IS, precision/recall and KID of `samples`.
 
   Args:
@@ -285,6 +292,8 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     ev: the eval config (feature_net, preprocess, inception_weights and the
       protocol options of `eval_settings`).
     seed: seeds the bootstrap / subset draws.
+    mesh: the eval's mesh: feature nets split over its devices
+      (`prepare`); None: one device.
 
   Returns:
     Scalar metrics plus 'reference' (a dict describing the statistics used)
@@ -294,7 +303,7 @@ def score_images(samples: np.ndarray, dataset: ImageArrays,
     {'fd_dinov2': float}, 'feature_net', 'reference', 'settings'}], one
     record of its own feature space for the runner.
   """
-  ctx = prepare(dataset, ev)
+  ctx = prepare(dataset, ev, mesh)
   images = decode_to_images(samples, dataset, ev, ctx.settings['quantize'])
   return score_features(features(images, ctx), dataset, ctx, seed)
 
@@ -311,10 +320,21 @@ class Context:
   decoder: Any
   ref: dict[str, Any]
   dinov2: Any = None  # the DINOv2 extractor when FD_DINOv2 is on
+  # The generated samples' nets, split over every device of the eval's mesh
+  # (`sharded_features`); None: `extractor` / `dinov2`.
+  sample_extractor: Any = None
+  sample_dinov2: Any = None
 
 
-def prepare(dataset: ImageArrays, ev: ml_collections.ConfigDict) -> Context:
-  """Checks `ev`, loads the nets (+ VAE) and the reference statistics."""
+def prepare(dataset: ImageArrays, ev: ml_collections.ConfigDict,
+            mesh: Mesh | None = None) -> Context:
+  """Checks `ev`, loads the nets (+ VAE) and the reference statistics.
+
+  With a `mesh`, the feature nets run data-parallel (`sharded_features`):
+  on this process's devices of the mesh for the real images (reference
+  statistics, FID floor), on all its devices, across processes, for the
+  samples (`features`).
+  """
   latent = dataset.spec.kind == 'latent'
   settings = eval_settings(ev, latent=latent)
   adm = reference.adm_path(ev)
@@ -325,21 +345,34 @@ def prepare(dataset: ImageArrays, ev: ml_collections.ConfigDict) -> Context:
                       f'but the feature net is {feature_net}',
                       "set feature_net='inception_v3' or reference=''")
   extractor = get_extractor(dataset, ev)
+  dino = get_dinov2_extractor(ev) if fd_dinov2_mode(ev) == 'on' else None
+  nets: dict[str, Any] = {}
+  if mesh is not None:
+    from onestep_bench.evaluators import sharded_features as sf  # pylint: disable=g-import-not-at-top
+    everywhere, here = sf.eval_devices(mesh), sf.local_devices(mesh)
+    nets = {'sample_extractor': sf.shard(extractor, everywhere),
+            'sample_dinov2': sf.shard(dino, everywhere)}
+    extractor, dino = sf.shard(extractor, here), sf.shard(dino, here)
   decoder = decode.get_decoder(ev) if latent else None
   if decoder is not None:
     settings.update(decode.row_fields(decoder, dataset))
   ref = get_reference(dataset, extractor, feature_net, settings, adm,
                       decoder=decoder)
-  dino = get_dinov2_extractor(ev) if fd_dinov2_mode(ev) == 'on' else None
   return Context(ev, settings, adm, feature_net, extractor, decoder, ref,
-                 dino)
+                 dino, **nets)
 
 
 def features(images: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
-  """uint8 images -> the primary net's outputs (+ 'dinov2' features)."""
-  out = dict(ctx.extractor(images))
+  """uint8 samples -> the primary net's outputs (+ 'dinov2' features).
+
+  Every process passes the same images and gets the same features (with a
+  mesh, each extracts its devices' share: `sharded_features`).
+  """
+  net = ctx.extractor if ctx.sample_extractor is None else ctx.sample_extractor
+  out = dict(net(images))
   if ctx.dinov2 is not None:
-    out['dinov2'] = ctx.dinov2(images)['features']
+    dino = ctx.dinov2 if ctx.sample_dinov2 is None else ctx.sample_dinov2
+    out['dinov2'] = dino(images)['features']
   return out
 
 

@@ -71,14 +71,16 @@ def eval_nfes(method: Method, ev: ml_collections.ConfigDict,
 
 
 def score(samples: np.ndarray, dataset: Dataset, seed: int,
-          ev: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """Metrics for the dataset's family."""
+          ev: ml_collections.ConfigDict | None = None,
+          mesh: Mesh | None = None) -> dict[str, Any]:
+  """Metrics for the dataset's family (image features split over `mesh`)."""
   if dataset.spec.kind == 'toy2d':
     from onestep_bench.evaluators import sample_stats  # pylint: disable=g-import-not-at-top
     return sample_stats.sample_stats(samples, dataset, seed=seed)
   from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
   return image_eval.score_images(samples, dataset,
-                                 ev or ml_collections.ConfigDict(), seed)
+                                 ev or ml_collections.ConfigDict(), seed,
+                                 mesh=mesh)
 
 
 def sample_labels(key: jax.Array, n: int, num_classes: int) -> jax.Array:
@@ -110,8 +112,8 @@ def draw_samples(method: Method, params: Any, key: jax.Array, n: int, nfe: int,
       guidance=guidance, mesh=mesh)
   out, t0 = [], time.perf_counter()
   steps = math.ceil(n / chunk)
-  for i in tqdm(range(steps), desc=f'sample nfe={nfe}', disable=steps < 4,
-                leave=False):
+  for i in tqdm(range(steps), desc=f'sample nfe={nfe}', leave=False,
+                disable=steps < 4 or jax.process_index() != 0):
     out.append(compiled(params, jax.random.fold_in(key, i)))
   samples = np.concatenate(sharding.to_host(out))[:n]
   dt = time.perf_counter() - t0
@@ -157,7 +159,9 @@ def draw_and_score_streamed(method: Method, params: Any, dataset: Dataset,
   """Sampling + decoding + features chunk by chunk, cached (resumable).
 
   `ev.cache_every` chunks per cache part under `<workdir>/eval_cache/
-  <eval>_nfe<k>` (`streaming.py`). Returns (metrics, cost, first chunk).
+  <eval>_nfe<k>` (`streaming.py`; process 0's workdir). Sampling and the
+  feature nets are split over `mesh` (`sharded_features`). Returns
+  (metrics, cost, first chunk), the same on every process.
   """
   from onestep_bench.evaluators import image_eval, streaming  # pylint: disable=g-import-not-at-top
   n = int(ev.n_samples)
@@ -166,7 +170,7 @@ def draw_and_score_streamed(method: Method, params: Any, dataset: Dataset,
   compiled, flops, exact = compile_sampler(
       method, params, key, chunk, nfe, num_classes=dataset.spec.num_classes,
       guidance=guidance, mesh=mesh)
-  ctx = image_eval.prepare(dataset, ev)
+  ctx = image_eval.prepare(dataset, ev, mesh)
   cache = (os.path.join(workdir, streaming.CACHE_DIR, f'{name}_nfe{nfe}')
            if workdir is not None else None)
   ckey = streaming.cache_key(params, key, n=n, nfe=nfe, chunk=chunk, ctx=ctx,
@@ -257,9 +261,11 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
              save_samples: bool = True) -> list[dict[str, Any]]:
   """Runs every configured eval; returns one record per (eval, nfe).
 
-  Sampling is sharded over `mesh` (None: one device); scoring runs on the
-  host of every process (cheap next to sampling), files on process 0 only
-  (and only with `save_samples`: in-training evaluations keep none).
+  Sampling and image feature extraction are sharded over `mesh` (None:
+  one device; features: `sharded_features`, gathered to every process);
+  the metrics run on the host of every process (cheap next to the nets),
+  files on process 0 only (and only with `save_samples`: in-training
+  evaluations keep none).
   """
   records = []
   if dataset.spec.kind != 'toy2d':  # bad options / missing files: no compute
@@ -303,7 +309,7 @@ def evaluate(method: Method, params: Any, dataset: Dataset,
           plots.image_grid(samples, os.path.join(workdir,
                                                  f'samples_nfe{nfe}.png'))
       if not streamed:
-        metrics = score(samples, dataset, seed, ev)
+        metrics = score(samples, dataset, seed, ev, mesh)
       extra = metrics.pop('extra_records', [])
       rec['metrics'] = metrics
       rec.update(provenance(metrics, dataset, ev))

@@ -16,11 +16,18 @@ chunks, same keys, same programs).
 Devices: each chunk is sampled over the eval's mesh (`runner.
 compile_sampler`, batch split over every device) and gathered to every
 process (`sharding.to_host`); latents are decoded over the process's local
-devices (`vae.LatentDecoder`); the feature nets run as their extractors do
-(the Inception extractor: one jitted program on the default device). With
-several processes every process extracts every chunk (no cross-process
-split of the features) and writes the same bytes to the cache (atomic
-renames), so a shared workdir is safe.
+devices (`vae.LatentDecoder`; every process decodes the whole chunk); the
+feature nets of a `prepare(dataset, ev, mesh)` context are split over every
+device of the mesh, each process extracting only its devices' rows, and the
+features gathered to every process (`sharded_features`), so all processes
+hold the same features and score the same metrics.
+
+Processes: only process 0 reads and writes the cache (others may have no
+workdir: `train.py` passes them None). It decides where to resume and
+broadcasts that, with the cached features, to the others
+(`multihost_utils.broadcast_one_to_all`, as raw bytes so float64 survives),
+so every process skips the same chunks and the collective sampling and
+extraction programs stay in step. Only process 0 shows the progress bar.
 
 Samples are not kept (50k ImageNet-256 images are 9.8 GB); the first chunk
 is returned for the sample grid.
@@ -45,6 +52,7 @@ from onestep_bench import sharding
 from onestep_bench.evaluators import image_eval
 
 CACHE_DIR = 'eval_cache'
+_PIECE = 1 << 28  # bytes per broadcast of resumed features (256 MiB)
 _PART = re.compile(r'part_(\d+)_(\d+)\.npz$')
 
 
@@ -100,6 +108,68 @@ def _save_part(directory: str, lo: int, hi: int,
   os.replace(tmp, path)
 
 
+def _save_key(directory: str, key: dict[str, Any]) -> None:
+  path = os.path.join(directory, 'key.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(key, f, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes:
+  """Process 0's `data` on every process (others pass None).
+
+  In pieces of at most `_PIECE` bytes (int32 sizes, bounded device memory).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = 0 if data is None else len(data)
+  hi, lo = multihost_utils.broadcast_one_to_all(
+      np.asarray([n // _PIECE, n % _PIECE], np.int32))
+  size = int(hi) * _PIECE + int(lo)
+  out = []
+  for start in range(0, size, _PIECE):
+    m = min(_PIECE, size - start)
+    buf = (np.frombuffer(data, np.uint8, m, start) if data is not None
+           else np.zeros(m, np.uint8))
+    out.append(multihost_utils.broadcast_one_to_all(buf).tobytes())
+  return b''.join(out)
+
+
+def _broadcast_resume(cache: str | None, key: dict[str, Any]
+                      ) -> tuple[int, list[dict[str, np.ndarray]]]:
+  """`_load_parts` of process 0's cache, on every process.
+
+  One small broadcast (chunks done, or process 0's error, and the parts'
+  array names / dtypes / shapes), then each cached array as bytes.
+
+  Raises:
+    ValueError: process 0's cache holds another evaluation (on every
+      process).
+  """
+  main = jax.process_index() == 0
+  done, parts, header = 0, [], None
+  if main:
+    try:
+      done, parts = _load_parts(cache, key) if cache is not None else (0, [])
+      header = {'done': done, 'parts': [
+          [[k, v.dtype.str, list(v.shape)] for k, v in p.items()]
+          for p in parts]}
+    except ValueError as e:
+      header = {'error': str(e)}
+  header = json.loads(_broadcast_bytes(
+      json.dumps(header).encode() if main else None))
+  if 'error' in header:
+    raise ValueError(f'process 0: {header["error"]}')
+  out = []
+  for i, spec in enumerate(header['parts']):
+    part = {}
+    for name, dtype, shape in spec:
+      raw = _broadcast_bytes(np.ascontiguousarray(parts[i][name]).tobytes()
+                             if main else None)
+      part[name] = np.frombuffer(raw, np.dtype(dtype)).reshape(shape).copy()
+    out.append(part)
+  return int(header['done']), out
+
+
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -119,7 +189,8 @@ def stream_features(sample_chunk: Callable[[int], Any], n: int, chunk: int,
     chunk: samples per chunk.
     dataset: the dataset (decode of latents).
     ctx: `image_eval.prepare(dataset, ev)`.
-    cache: the cache directory (None: no cache, nothing resumes).
+    cache: the cache directory (None: no cache, nothing resumes); used on
+      process 0 only (the others get its cached features by broadcast).
     key: `cache_key(...)`, stored and compared on resume.
     cache_every: chunks per part file.
     on_chunk: called with i after chunk i is extracted (tests interrupt
@@ -131,16 +202,19 @@ def stream_features(sample_chunk: Callable[[int], Any], n: int, chunk: int,
     the first chunk's samples or None when it was read from the cache).
   """
   steps = math.ceil(n / chunk)
-  done, parts = 0, []
+  main = jax.process_index() == 0
+  cache = cache if main else None  # process 0 reads and writes it
   if cache is not None:
     os.makedirs(cache, exist_ok=True)
-    done, parts = _load_parts(cache, key)
-    if not done:
-      with open(os.path.join(cache, 'key.json'), 'w') as f:
-        json.dump(key, f, sort_keys=True)
+  if jax.process_count() > 1:
+    done, parts = _broadcast_resume(cache, key)
+  else:
+    done, parts = _load_parts(cache, key) if cache is not None else (0, [])
+  if cache is not None and not done:
+    _save_key(cache, key)
   first, pending, lo = None, [], done
   for i in tqdm(range(done, steps), desc=desc, initial=done, total=steps,
-                unit='chunk', disable=steps - done < 2):
+                unit='chunk', disable=steps - done < 2 or not main):
     x = np.asarray(sharding.to_host(sample_chunk(i)))[:n - i * chunk]
     if i == 0:
       first = x
