@@ -131,3 +131,14 @@ def run_two_processes(cmd: list[str], cwd, timeout: int = 600
   for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   return outs
+
+
+def stub_digits_classifier(monkeypatch, extractor) -> None:
+  """Memoises `extractor` as the digits classifier `get_extractor` returns."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+
+  from onestep_bench import data  # pylint: disable=g-import-not-at-top
+  from onestep_bench.evaluators import image_eval  # pylint: disable=g-import-not-at-top
+  ds = data.build(mlc.ConfigDict({'name': 'digits'}))
+  key = image_eval.extractor_key(ds, mlc.ConfigDict({'feature_net': 'auto'}))
+  monkeypatch.setitem(image_eval._EXTRACTORS, key, extractor)  # pylint: disable=protected-access

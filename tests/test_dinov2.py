@@ -14,6 +14,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from conftest import stub_digits_classifier
 
 from onestep_bench import data
 from onestep_bench.config_check import ConfigError
@@ -124,7 +125,7 @@ def test_fd_dinov2_wiring(tiny_file, tiny_ext, tmp_path, monkeypatch):
       f = images.reshape(len(images), -1).astype(np.float64) / 255.0
       return {'features': f, 'probs': np.full((len(images), 10), 0.1)}
 
-  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits', Pix())
+  stub_digits_classifier(monkeypatch, Pix())
   ds = data.build(mlc.ConfigDict({'name': 'digits'}))
   x = ds.split_images('test')[0][:40].astype(np.float32) / 127.5 - 1
   base = dict(feature_net='auto', ref_n=40, fid_bootstrap=0)

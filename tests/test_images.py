@@ -7,7 +7,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
-from conftest import smoke_config
+from conftest import smoke_config, stub_digits_classifier
 
 from onestep_bench import data, train
 from onestep_bench.config_check import ConfigError
@@ -188,8 +188,7 @@ def test_reference_cache_key(tmp_path, monkeypatch):
 
 def test_fid_of_real_data_is_small(tmp_path, monkeypatch):
   monkeypatch.setenv('ONESTEP_CACHE', str(tmp_path))
-  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits',
-                      _PixelFeatures())
+  stub_digits_classifier(monkeypatch, _PixelFeatures())
   ds = data.build(_cfg(name='digits'))
   ev = _cfg(feature_net='auto', ref_split='train', ref_n=0, fid_bootstrap=3)
   x_test = ds.split_images('test')[0].astype(np.float64) / 127.5 - 1
@@ -218,7 +217,7 @@ def test_score_images_options_are_used_and_checked(tmp_path, monkeypatch):
       seen.append(images)
       return super().__call__(images)
 
-  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits', Spy())
+  stub_digits_classifier(monkeypatch, Spy())
   ds = data.build(_cfg(name='digits'))
   x = ds.split_images('test')[0][:300].astype(np.float32) / 127.5 - 1
   ev = _cfg(feature_net='auto', ref_n=200, fid_bootstrap=0, quantize='truncate',

@@ -15,6 +15,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from conftest import stub_digits_classifier
 
 from onestep_bench import data
 from onestep_bench.evaluators import image_eval, image_metrics
@@ -44,8 +45,7 @@ class _Spatial:
 
 def test_sfid_is_scored_and_cached_beside_fid(tmp_path, monkeypatch):
   monkeypatch.setenv('ONESTEP_CACHE', str(tmp_path))
-  monkeypatch.setitem(image_eval._EXTRACTORS, 'classifier:digits',
-                      _Spatial())
+  stub_digits_classifier(monkeypatch, _Spatial())
   ds = data.build(mlc.ConfigDict({'name': 'digits'}))
   ev = mlc.ConfigDict(dict(feature_net='auto', ref_n=300, fid_bootstrap=0,
                            fd_dinov2='off'))

@@ -223,6 +223,24 @@ def feature_net_name(dataset: ImageArrays,
 _EXTRACTORS: dict[Any, Any] = {}
 
 
+def extractor_key(dataset: ImageArrays, ev: ml_collections.ConfigDict
+                  ) -> tuple[str, str | None]:
+  """The memo key of `get_extractor`: (feature net name, weights identity).
+
+  Inception: the weights file. A classifier: its training split + recipe
+  (`classifier.weights_key`), so a tuning dataset with a held-out split
+  trains its own classifier, never reused for the board's full-train one.
+  """
+  name = feature_net_name(dataset, ev)
+  if name.startswith('inception_v3/'):
+    return name, _inception_weights(ev)
+  if name.startswith('classifier:'):
+    from onestep_bench.evaluators import classifier  # pylint: disable=g-import-not-at-top
+    return name, classifier.weights_key(*dataset.split_images('train'),
+                                        classifier.RECIPE)
+  return name, ''
+
+
 def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
   """The feature network for `ev` (memoised per process).
 
@@ -235,9 +253,7 @@ def get_extractor(dataset: ImageArrays, ev: ml_collections.ConfigDict):
     raise ValueError(f'{dataset.spec.name} is a {dataset.spec.kind} '
                      'dataset: it has no image features.')
   name = feature_net_name(dataset, ev)
-  # Inception: one extractor per (name, weights file).
-  key = (name, _inception_weights(ev)) if name.startswith(
-      'inception_v3/') else name
+  key = extractor_key(dataset, ev)
   if key not in _EXTRACTORS:
     if name.startswith('inception_v3/'):
       from onestep_bench.evaluators.inception import InceptionExtractor  # pylint: disable=g-import-not-at-top
