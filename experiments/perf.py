@@ -224,9 +224,12 @@ def hand_written_fm(setup: Setup) -> Callable[[], Any]:
 class Perf:
   """Collects rows; one instance per `make perf` invocation."""
 
-  def __init__(self, repeats: int, quick: bool):
+  def __init__(self, repeats: int, quick: bool,
+               sections: set[str] | None = None):
     self.repeats, self.quick = repeats, quick
+    self.sections = sections  # what this run re-measures (None = all)
     self.rows: list[dict[str, Any]] = []
+    self._archived, self._kept = False, []
     dev = jax.devices()[0]
     vers = train.versions()
     self.common = dict(
@@ -388,26 +391,55 @@ class Perf:
 
   # --------------------------------------------------------------- output
   def write(self, out_dir: str) -> None:
-    """Writes the rows so far to `out_dir`/perf.csv and perf.md."""
+    """Writes perf.csv / perf.md: this run's rows + other sections' rows.
+
+    Rows of sections this run did not measure (`self.sections`; None = all)
+    are kept from the existing perf.csv, so `--sections=peers` refreshes
+    only the peers. Rows it replaces are appended once to
+    `perf_history.csv` (the "before" of a change stays on record).
+    """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'perf.csv')
+    old = []
+    if os.path.exists(path):
+      with open(path, newline='', encoding='utf-8') as f:
+        old = list(csv.DictReader(f))
+    mine = (self.sections if self.sections is not None
+            else {r['section'] for r in old})
+    kept = [r for r in old if r['section'] not in mine]
+    if not self._archived:
+      replaced = [r for r in old if r['section'] in mine]
+      hist = os.path.join(out_dir, 'perf_history.csv')
+      if replaced:
+        new_file = not os.path.exists(hist)
+        with open(hist, 'a', newline='', encoding='utf-8') as f:
+          w = csv.DictWriter(f, FIELDS, extrasaction='ignore')
+          if new_file:
+            w.writeheader()
+          w.writerows(replaced)
+      self._archived = True
+      self._kept = kept
+    rows = self._kept + self.rows
     with open(path + '.tmp', 'w', newline='', encoding='utf-8') as f:
-      w = csv.DictWriter(f, FIELDS)
+      w = csv.DictWriter(f, FIELDS, extrasaction='ignore')
       w.writeheader()
-      w.writerows(self.rows)
+      w.writerows(rows)
     os.replace(path + '.tmp', path)
     lines = ['# Performance (`make perf`)', '',
              f'{self.common["device"]}, jax {self.common["jax"]}, '
              f'git {self.common["git_sha"]}, {self.common["timestamp"]}; '
-             f'median of {self.repeats} interleaved rounds.', '',
+             f'median of {self.repeats} interleaved rounds (sections not '
+             're-run keep their earlier rows: see the git column).', '',
              '| section | backbone | method | metric | value | unit | '
-             'target |', '|---|---|---|---|---|---|---|']
-    for r in self.rows:
-      v = '—' if r['value'] is None else f'{r["value"]:.4g}'
-      tgt = ('' if r['target'] == '' else
-             f'{r["target"]} {"✓" if r["meets_target"] else "✗"}')
+             'target | git |', '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+      v = ('—' if r['value'] in (None, '') else f'{float(r["value"]):.4g}')
+      met = r['meets_target'] in (True, 'True')
+      tgt = ('' if r['target'] in ('', None) else
+             f'{r["target"]} {"✓" if met else "✗"}')
       lines.append(f'| {r["section"]} | {r["backbone"]} | {r["method"]} | '
-                   f'{r["metric"]} | {v} | {r["unit"]} | {tgt} |')
+                   f'{r["metric"]} | {v} | {r["unit"]} | {tgt} | '
+                   f'{r.get("git_sha", "")} |')
     with open(os.path.join(out_dir, 'perf.md'), 'w', encoding='utf-8') as f:
       f.write('\n'.join(lines) + '\n')
 
@@ -573,11 +605,11 @@ def _classifier_fid_end_to_end(perf: Perf) -> None:
 def main(argv):
   """Runs the selected sections per backbone, rewriting the files as it goes."""
   del argv
-  perf = Perf(_REPEATS.value, _QUICK.value)
+  secs = set(_SECTIONS.value)
+  perf = Perf(_REPEATS.value, _QUICK.value, secs)
   names = _METHODS.value or available_methods()
   if 'flow_matching' not in names:
     names = ['flow_matching', *names]
-  secs = set(_SECTIONS.value)
   out = _OUT.value
   # Cheap, backbone-independent figures first; the file is rewritten after
   # every part, so an interrupted run keeps what it measured.

@@ -72,3 +72,24 @@ def test_perf_quick_writes_every_figure(tmp_path, cheap_classifier):
                 ('evaluator', '', 'flax_images_per_s'),
                 ('evaluator', '', 'fid_256_end_to_end_s')])
   assert (tmp_path / 'perf.md').read_text(encoding='utf-8').count('\n| ') > 5
+
+
+def test_partial_run_keeps_other_sections_and_archives_replaced(tmp_path):
+  first = perf.Perf(repeats=1, quick=True)
+  first.add('dispatch', 'mlp', 'flow_matching', 'a', 1.0, 'x', target=2.0,
+            higher_is_better=True)
+  first.add('peers', 'mlp', 'flow_matching', 'b', 1.0, 'x')
+  first.write(str(tmp_path))
+  again = perf.Perf(repeats=1, quick=True, sections={'peers'})
+  again.add('peers', 'mlp', 'flow_matching', 'b', 3.0, 'x')
+  again.write(str(tmp_path))
+  again.write(str(tmp_path))  # rewritten as it goes: archived only once
+  got = _rows(tmp_path)
+  assert got[('dispatch', 'flow_matching', 'a')]['value'] == '1.0'
+  assert got[('peers', 'flow_matching', 'b')]['value'] == '3.0'
+  assert len(got) == 2
+  with open(tmp_path / 'perf_history.csv', encoding='utf-8') as f:
+    hist = list(csv.DictReader(f))
+  assert [(r['section'], r['value']) for r in hist] == [('peers', '1.0')]
+  md = (tmp_path / 'perf.md').read_text(encoding='utf-8')
+  assert '2.0 ✗' in md and '| 3 |' in md
