@@ -259,6 +259,12 @@ def test_micro_batches_keep_the_data_sharding():
 def _check(method, k, batch=64, **kw):
   c = smoke_config(method, **kw)
   c.train.batch_size = batch
+  if not isinstance(k, int):  # the bench configs declare an int: re-declare
+    with pytest.raises(TypeError):  # ml_collections refuses the float ...
+      c.train.grad_accum = k
+    with c.unlocked():  # ... and config_check refuses it where undeclared
+      del c.train['grad_accum']
+      c.train.grad_accum = k
   c.train.grad_accum = k
   config_check.validate(c, method_module(method).Method)
 
