@@ -429,6 +429,13 @@ class Method(base.Method):
   sampling stays one forward pass.
   """
 
+  # Deng et al. eq. 5: the field at each generated sample is a softmax over
+  # every sample of the batch, so a micro-batch's loss is not a part of it.
+  grad_accum_refused = ('its drifting field couples every generated sample '
+                        'to all samples of the batch (positives and '
+                        'negatives), so the loss of a micro-batch is not a '
+                        'part of the global-batch loss')
+
   supported_nfe = (1,)
 
   @classmethod

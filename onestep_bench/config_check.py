@@ -32,15 +32,6 @@ REF_SPLITS = ('train', 'test', 'validation')
 # Integer backbone options where 0 is a valid (shallower) network: the MLP
 # without hidden blocks, the U-Net without residual blocks per level.
 _ZERO_OK = frozenset({'depth', 'num_res_blocks'})
-# Methods refusing `train.grad_accum` > 1 whose module does not (yet) say so
-# itself with `Method.grad_accum_refused` (the class attribute wins).
-GRAD_ACCUM_REFUSED = {
-    'drifting': 'its drifting field couples every generated sample to all '
-                'samples of the batch (positives and negatives), so the loss '
-                'of a micro-batch is not a part of the global-batch loss',
-}
-
-
 class ConfigError(ValueError):
   """A config value the run cannot use; the message says how to fix it.
 
@@ -174,7 +165,7 @@ def check_supported_nfe(config: ml_collections.ConfigDict,
   Args:
     config: the run config.
     supported: the step counts the sampler honours (`Method.supported_nfe`).
-    owner: who supports them, e.g. 'methods.drifting'.
+    owner: who supports them, e.g. 'methods.<name>'.
   """
   for name, ev in config.evals.items():
     if not any(is_int(k) and k in supported for k in ev.nfe):
@@ -277,7 +268,7 @@ def check_grad_accum(config: ml_collections.ConfigDict, method: Any) -> None:
   """`train.grad_accum` = k > 1 fits the method, the mesh and the loss.
 
   Refused when the method's loss couples the samples of a batch
-  (`Method.grad_accum_refused`, or `GRAD_ACCUM_REFUSED` by name), when the
+  (`Method.grad_accum_refused`), when the
   batch comes as one-class blocks (`class_groups`: the strided micro-batch
   split would cut them), when a micro-batch of B / k rows does not divide
   over the mesh's devices, or when the method's own checks refuse the
@@ -289,9 +280,7 @@ def check_grad_accum(config: ml_collections.ConfigDict, method: Any) -> None:
     return
   b = config.train.batch_size
   owner = getattr(method, '__module__', '') or 'the method'
-  name = config.method.get('name', '')
-  why = (getattr(method, 'grad_accum_refused', '')
-         or GRAD_ACCUM_REFUSED.get(name, ''))
+  why = getattr(method, 'grad_accum_refused', '')
   fix = ('use --config.train.grad_accum=1, and fit memory with '
          'config.mesh.fsdp or a smaller train.batch_size instead')
   if why:
