@@ -70,6 +70,11 @@ DEMO = toy2d.DRIFTING_DEMO
 FM_LAW, DRIFT_LAW = '8gaussians_torchcfm', 'checkerboard_drifting'
 LR = 1e-3  # torch.optim.Adam's default (torchcfm tutorial) and the demo's
 DEMO_TEMP = 0.05
+# Untimed pause before every timed call: torch's OpenMP workers spin-wait
+# after a call, and without it the loop timed next ran ~10 % slower
+# (measured: the harness FM loop at 574 steps/s right after torch, 643 one
+# place later).
+SETTLE_S = 0.2
 # A loop: run(k) runs k training steps and returns something to block on.
 Loop = Callable[[int], Any]
 
@@ -83,7 +88,8 @@ def jax_threads() -> int:
 
 
 def interleaved(loops: dict[str, tuple[Loop, int]], repeats: int,
-                call_s: float = 0.25) -> dict[str, float]:
+                call_s: float = 0.25,
+                settle_s: float = SETTLE_S) -> dict[str, float]:
   """Median seconds per step of each loop, rounds interleaved A, B, A, B.
 
   Args:
@@ -109,6 +115,7 @@ def interleaved(loops: dict[str, tuple[Loop, int]], repeats: int,
   times: dict[str, list[float]] = {name: [] for name in loops}
   for _ in range(repeats):
     for name, (run, _) in loops.items():
+      time.sleep(settle_s)
       t0 = time.perf_counter()
       jax.block_until_ready(run(ks[name]))
       times[name].append((time.perf_counter() - t0) / ks[name])
@@ -306,6 +313,42 @@ def hand_jax_fm(batch: int, width: int) -> Loop:
   return run
 
 
+def matmul_floor_fm(batch: int, width: int, n: int = 50) -> Loop:
+  """The FM net's matmuls alone: fwd + bwd of its Dense layers, no SELU.
+
+  A lower bound on any JAX training step of this network on this CPU: one
+  fixed batch (no sampling), the activations dropped (a linear net of the
+  same layer shapes), plain SGD (no Adam, EMA or metrics), `n` steps per
+  jit call (no dispatch). `floor_over_torchcfm` says how fast a step could
+  be at best; the harness's ratio is judged against it.
+  """
+  net = models.build(ml_collections.ConfigDict(dict(
+      name='mlp_plain', width=width, depth=3)), toy2d.Toy2D(FM_LAW).spec)
+  kx, ky = jax.random.split(jax.random.key(1))
+  x, y = jax.random.normal(kx, (batch, 3)), jax.random.normal(ky, (batch, 2))
+
+  def loss_fn(params):
+    layers = [params['layers'][k] for k in sorted(params['layers'], key=int)]
+    z = x
+    for layer in layers:
+      z = z @ layer['kernel'] + layer['bias']
+    return jnp.mean(jnp.square(z - y))
+
+  def body(params, _):
+    g = jax.grad(loss_fn)(params)
+    return jax.tree.map(lambda p, d: p - LR * d, params, g), None
+
+  steps = jax.jit(lambda p: jax.lax.scan(body, p, None, length=n)[0],
+                  donate_argnums=0)
+  box = {'p': net.init(jax.random.key(0))}
+
+  def run(k):
+    for _ in range(k // n):
+      box['p'] = steps(box['p'])
+    return box['p']
+  return run
+
+
 def harness_config(method: str, batch: int, width: int,
                    steps_per_dispatch: int) -> ml_collections.ConfigDict:
   """The bench config of `method` on its peer law with the peer's net.
@@ -333,17 +376,21 @@ def harness_config(method: str, batch: int, width: int,
   return c
 
 
-def harness_loop(config: ml_collections.ConfigDict) -> tuple[Loop, Any]:
+def harness_loop(config: ml_collections.ConfigDict,
+                 every_step_metrics: bool = False) -> tuple[Loop, Any]:
   """(run, built): `train.build_state` + `train.make_train_chunk`.
 
   What `train.py`'s loop runs: run(k) dispatches k / n chunks of n =
   `train.steps_per_dispatch` steps, the state donated and carried, and
   fetches each chunk's metrics to the host (`jax.device_get`) as it does.
+  `every_step_metrics`: the chunk computes every metric at every step (the
+  harness before metrics moved to the chunk's last step; same training).
   """
   built = train.build_state(config, jax.random.key(0))
   chunk = train.make_train_chunk(built.method, built.dataset, built.mesh,
                                  int(config.train.batch_size),
-                                 built.state_sharding)
+                                 built.state_sharding,
+                                 every_step_metrics=every_step_metrics)
   n = int(config.train.steps_per_dispatch)
   box = {'state': built.state}
   key = jax.random.key(1)
@@ -412,10 +459,14 @@ def _best_torch(sps: dict[str, float], name: str) -> tuple[float, str]:
 def _flow_matching(perf, torch, batch, width, steps, threads) -> None:
   harness, built = harness_loop(
       harness_config('flow_matching', batch, width, steps))
+  every, _ = harness_loop(
+      harness_config('flow_matching', batch, width, steps), True)
   loops = {**_torch_variants(
       lambda n: torchcfm_loop(torch, batch, width, n), threads, 'torchcfm'),
            'harness': (harness, steps),
-           'hand_jax': (hand_jax_fm(batch, width), 1)}
+           'harness_every_step_metrics': (every, steps),
+           'hand_jax': (hand_jax_fm(batch, width), 1),
+           'matmul_floor': (matmul_floor_fm(batch, width, steps), steps)}
   # Short calls, 3x the rounds: a ~13 ms harness step chunk and ~3 ms
   # steps are at the mercy of other jobs' bursts; finer interleaving and
   # more rounds make the medians see the same load.
@@ -437,6 +488,23 @@ def _flow_matching(perf, torch, batch, width, steps, threads) -> None:
            sps['harness'] / sps['hand_jax'], 'ratio', target=0.9,
            higher_is_better=True,
            detail=f'harness {steps} steps/dispatch, hand 1 jit call/step')
+  perf.add('peers', 'mlp_plain', 'flow_matching', 'floor_over_torchcfm',
+           sps['matmul_floor'] / best, 'ratio', higher_is_better=True,
+           detail='the net\'s matmuls alone (matmul_floor_fm: linear, fixed '
+                  'batch, SGD): the most any JAX step of this net reaches '
+                  'here; a harness_over_torchcfm target above it is out of '
+                  'reach on this CPU')
+  _lean_metrics_row(perf, 'flow_matching', sps)
+
+
+def _lean_metrics_row(perf, method: str, sps: dict[str, float]) -> None:
+  """Before / after of metrics on the chunk's last step only."""
+  perf.add('peers', 'mlp_plain', method, 'lean_over_every_step_metrics',
+           sps['harness'] / sps['harness_every_step_metrics'], 'ratio',
+           higher_is_better=True,
+           detail='harness steps/s, metrics besides the loss on the last '
+                  'step of a dispatch (train._scan_lean) over on every step '
+                  '(before); training bit-identical')
 
 
 def _drifting(perf, torch, batch, width, steps, threads) -> None:
@@ -450,6 +518,7 @@ def _drifting(perf, torch, batch, width, steps, threads) -> None:
   from methods import drifting  # pylint: disable=g-import-not-at-top
   config = harness_config('drifting', batch, width, steps)
   harness, built = harness_loop(config)
+  every, _ = harness_loop(config, True)
   method = built.method
   # The field alone, on the first step's inputs (fetched before the state
   # is donated): what share of a harness step it takes.
@@ -457,12 +526,13 @@ def _drifting(perf, torch, batch, width, steps, threads) -> None:
       built.state.params, jax.random.key(2))[None]
   pos = built.dataset.sample(jax.random.key(3), batch)['x'][None]
   kw = method._field_kwargs()  # pylint: disable=protected-access
-  field = jax.jit(lambda x, p: drifting.drift_loss(
-      x, p, coverage_k=drifting.COVERAGE_K, **kw))
+  # The loss alone, as a scanned (lean) harness step needs it.
+  field = jax.jit(lambda x, p: drifting.drift_loss(x, p, **kw)[0])
   loops = {**_torch_variants(
       lambda n: demo_loop(torch, batch, width, n), threads, 'official_demo',
       unit=steps),
            'harness': (harness, steps),
+           'harness_every_step_metrics': (every, steps),
            'harness_field': (lambda k: [field(x, pos) for _ in range(k)],
                              steps)}
   tm = interleaved(loops, perf.repeats, call_s=0.0)
@@ -478,6 +548,7 @@ def _drifting(perf, torch, batch, width, steps, threads) -> None:
   perf.add('peers', 'mlp_plain', 'drifting', 'harness_over_official_demo',
            sps['harness'] / best, 'ratio', target=2.5, higher_is_better=True,
            detail=f'vs {which} (the faster torch threads)')
+  _lean_metrics_row(perf, 'drifting', sps)
   perf.add('peers', 'mlp_plain', 'drifting', 'field_share_of_harness_step',
            tm['harness_field'] / tm['harness'], 'ratio',
            detail=f'jitted drift_loss alone on the first step\'s inputs: '

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -191,7 +192,8 @@ def train_step_flops(method: Method, one_step, state: TrainState,
 
 
 def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
-                     state_sharding: Any, *, fed: bool = False):
+                     state_sharding: Any, *, fed: bool = False,
+                     every_step_metrics: bool = False):
   """jit(state, root_key, arrays, n, phase) -> (state, metrics), n steps.
 
   `phase` (static, only for n == 1) is `method.step_phase(step)` when the
@@ -202,6 +204,13 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
   closure so a 50 MB image set is not baked into the program as a constant.
   With `fed=True` (grain pipeline) `arrays` is instead the chunk's host-fed
   batches, {'x': [n, B, ...], 'y': [n, B]}, scanned one step at a time.
+
+  Metrics: `loss` of every step ([n], the non-finite check), every other
+  metric of the chunk's last step only ([1]; `_scan_lean`), unless
+  `every_step_metrics` (then all [n]). The loop logs at chunk ends, so the
+  logged norms / diagnostics are the logging step's; measured on the
+  drifting peer task (experiments/perf_peers.py) the per-step diagnostics
+  cost ~30 % of a step.
   """
   one_step = make_step_fn(method, dataset, mesh, batch)
 
@@ -218,10 +227,37 @@ def make_train_chunk(method: Method, dataset: data.Dataset, mesh, batch: int,
     if n == 1:  # no while loop: XLA:CPU runs convs in loops ~35x slower
       state, metrics = body(state, first)
       metrics = jax.tree.map(lambda m: m[None], metrics)
-    else:
+    elif every_step_metrics:
       state, metrics = jax.lax.scan(body, state, xs, length=n)
+    else:
+      state, metrics = _scan_lean(body, state, xs, n)
     return jax.lax.with_sharding_constraint(state, state_sharding), metrics
   return chunk
+
+
+def _scan_lean(body, state, xs, n: int):
+  """Runs n steps: n - 1 scanned keeping only `loss`, then the last whole.
+
+  The scanned steps' other metrics (grad / param norms, a method's
+  diagnostics such as drifting's coverage) are not outputs, so XLA drops
+  the compute that feeds only them; the last step reports every metric.
+  Training is unchanged: every step runs the same `body`. Returns
+  (state, metrics) with `loss` [n] and every other metric [1].
+  """
+  head = last = None
+  if xs is not None:
+    head = jax.tree.map(lambda a: a[:-1], xs)
+    last = jax.tree.map(lambda a: a[-1], xs)
+
+  def lean(s, x):
+    s, m = body(s, x)
+    return s, m['loss']
+  state, losses = jax.lax.scan(lean, state, head, length=n - 1)
+  state, metrics = body(state, last)
+  metrics = jax.tree.map(lambda m: m[None], metrics)
+  metrics['loss'] = jnp.concatenate([losses.astype(metrics['loss'].dtype),
+                                     metrics['loss']])
+  return state, metrics
 
 
 @dataclasses.dataclass

@@ -190,6 +190,9 @@ def test_peers_section_quick_rows():
   perf_peers.peers_section(perf)
   for key in [('flow_matching', 'harness_over_torchcfm'),
               ('flow_matching', 'harness_over_hand_jax'),
+              ('flow_matching', 'floor_over_torchcfm'),
+              ('flow_matching', 'lean_over_every_step_metrics'),
               ('drifting', 'harness_over_official_demo'),
+              ('drifting', 'lean_over_every_step_metrics'),
               ('drifting', 'field_share_of_harness_step')]:
     assert perf.rows[key] > 0

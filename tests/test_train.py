@@ -26,6 +26,38 @@ def test_smoke_run(method_name, tmp_path):
   assert (tmp_path / 'metrics.jsonl').exists()
 
 
+@pytest.mark.parametrize('name', ['flow_matching', 'drifting'])
+def test_lean_chunk_trains_bitwise_and_reports_the_last_step(name):
+  """Metrics besides the loss only on a dispatch's last step (_scan_lean).
+
+  The state after two 5-step chunks is bit-identical to the chunk that
+  computes every metric at every step; `loss` is per step, the others are
+  the last step's values.
+  """
+  config = smoke_config(name)
+  out = []
+  for every in (True, False):
+    built = train.build_state(config, jax.random.key(0))
+    chunk = train.make_train_chunk(
+        built.method, built.dataset, built.mesh,
+        int(config.train.batch_size), built.state_sharding,
+        every_step_metrics=every)
+    state = built.state
+    for _ in range(2):
+      state, metrics = chunk(state, jax.random.key(1), built.arrays, 5)
+    out.append((jax.device_get(state), jax.device_get(metrics)))
+  (s_all, m_all), (s_lean, m_lean) = out
+  for x, y in zip(jax.tree.leaves(s_all), jax.tree.leaves(s_lean),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert set(m_all) == set(m_lean) and 'grad_norm' in m_lean
+  np.testing.assert_array_equal(m_all['loss'], m_lean['loss'])
+  assert m_lean['loss'].shape == (5,)
+  for k in set(m_all) - {'loss'}:
+    assert np.shape(m_lean[k]) == (1,), k
+    np.testing.assert_array_equal(m_lean[k][0], m_all[k][-1])
+
+
 @pytest.mark.parametrize('name', ['flow_matching'])
 def test_resume_is_bitwise(name, tmp_path):
   config = smoke_config(name, **{'train.num_steps': 8,
