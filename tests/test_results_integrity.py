@@ -167,6 +167,7 @@ def test_effective_nfe_denominator_is_shared_by_every_method():
   for name in available_methods():
     c = smoke_config(name)
     ds = data.build(c.data)
+    runner._REFERENCE_CACHE.clear()  # pylint: disable=protected-access
     refs[name] = runner.reference_forward(c.model, ds.spec)
     method = load_method(c, ds.spec)
     own = sum(np.prod(a.shape) for a in jax.tree.leaves(jax.eval_shape(
@@ -174,6 +175,17 @@ def test_effective_nfe_denominator_is_shared_by_every_method():
             jax.random.key(0), 2)).params)))
     assert own >= refs[name].params  # methods may add, never hide, size
   assert len({(r.flops, r.params) for r in refs.values()}) == 1, refs
+
+
+def test_reference_forward_memo_is_keyed_on_the_backbone():
+  c = smoke_config('flow_matching')
+  ds = data.build(c.data)
+  runner._REFERENCE_CACHE.clear()  # pylint: disable=protected-access
+  first = runner.reference_forward(c.model, ds.spec)
+  assert runner.reference_forward(c.model, ds.spec) is first  # memoised
+  wider = smoke_config('flow_matching', **{'model.width': 2 * c.model.width})
+  other = runner.reference_forward(wider.model, ds.spec)
+  assert other.params > first.params and other.flops > first.flops
 
 
 def test_run_records_train_flops_curve_and_reevaluates(tmp_path):
