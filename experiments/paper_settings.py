@@ -545,8 +545,10 @@ _SCM_CIFAR = {
     'train.batch_size': C(512, f'{_FD}/config_sct_cifar10.py '
                           'batch_size_global'),
     'train.num_steps': C(350_000, f'{_FD}/config_sct_cifar10.py max_iter'),
+    'train.optimizer': C('radam', f'{_SCM} net_optimizer '
+                         'RAdamOptimizerConfig (optim_type="radam")'),
     'train.lr': C(1e-4, f'{FG}:fastgen/configs/opt.py RAdamOptimizerConfig '
-                  'lr (RAdam: the harness runs AdamW)'),
+                  'lr'),
     'train.b1': C(0.9, f'{_SCM} net_optimizer.betas (0.9, 0.99)'),
     'train.b2': C(0.99, f'{_SCM} net_optimizer.betas (0.9, 0.99)'),
     'train.weight_decay': C(0.0, f'{_SCM} net_optimizer.weight_decay'),
@@ -564,13 +566,18 @@ _SCM_IN64 = {
     'train.batch_size': C(1024, f'{_FD}/config_scd_in64.py '
                           'batch_size_global'),
     'train.num_steps': C(600_000, f'{_FD}/config_scd_in64.py max_iter'),
+    'train.optimizer': C('adamw', f'{_FD}/config_scd_in64.py net_optimizer.'
+                         'optim_type = "adam" (weight_decay 0: AdamW is '
+                         'Adam)'),
     'train.lr': C(7e-5, f'{_FD}/config_scd_in64.py net_optimizer.lr'),
     'train.b1': C(0.9, f'{_FD}/config_scd_in64.py betas (0.9, 0.99)'),
     'train.b2': C(0.99, f'{_FD}/config_scd_in64.py betas (0.9, 0.99)'),
     'train.weight_decay': C(0.0, f'{_FD}/config_scd_in64.py weight_decay'),
     'train.warmup_steps': C(0, f'{_FD}/config_scd_in64.py warm_up_steps=0'),
-    'train.schedule': C('constant', f'{_FD}/config_scd_in64.py inverse-sqrt '
-                        'decay_steps=35000 (not in the harness: constant)'),
+    'train.schedule': C('inv_sqrt', f'{_FD}/config_scd_in64.py net_scheduler'
+                        ' LambdaInverseSquareRootScheduler'),
+    'train.decay_steps': C(35_000, f'{_FD}/config_scd_in64.py net_scheduler '
+                           'decay_steps=35000'),
     'train.grad_clip': C(10.0, f'{_FD}/config_scd_in64.py grad_norm = 10'),
     'train.ema_decay': C(0.9999, f'{_FD}/config_scd_in64.py ema_9999'),
     'method.p_mean': C(-1.0, f'{_FD}/config_scd_in64.py train_p_mean'),
@@ -735,8 +742,7 @@ def _table() -> dict[tuple[str, str], Protocol]:
     add(_pixel_dit(imf, ds))
 
   # sCM: 'scm' is sCT (from scratch), 'scd' sCD (distils flow_matching).
-  add(Protocol('scm', 'cifar10', 'published', _SCM_CIFAR,
-               notes=('FastGen sCT uses RAdam; the harness runs AdamW',)))
+  add(Protocol('scm', 'cifar10', 'published', _SCM_CIFAR))
   scd_cifar = {**{k: v for k, v in _SCM_CIFAR.items()
                   if k != 'method.variant'},
                'train.num_steps': C(500_000, f'{_FD}/config_scd_cifar10.py '
@@ -745,12 +751,13 @@ def _table() -> dict[tuple[str, str], Protocol]:
                                  'net.dropout = 0.0')}
   add(Protocol('scd', 'cifar10', 'published', scd_cifar,
                notes=('teacher: flow_matching/cifar10 (FastGen: EDM '
-                      'uncond-vp)', 'FastGen uses RAdam; the harness runs '
-                      'AdamW')))
+                      'uncond-vp)',)))
   scd64 = Protocol('scd', 'imagenet64', 'published',
                    {k: v for k, v in _SCM_IN64.items()
                     if k != 'method.variant'},
-                   notes=('teacher: flow_matching/imagenet64',))
+                   notes=('teacher: flow_matching/imagenet64',
+                          'FastGen Adam eps=1e-11 (config_scd_in64.py); the '
+                          'harness runs optax eps=1e-8'))
   add(scd64)
   add(_derive(scd64, 'imagenet64', 'derived from scd/imagenet64: the sCT '
               'variant of the same recipe (FastGen has no sCT IN-64 config)',

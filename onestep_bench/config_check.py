@@ -234,7 +234,17 @@ def check_train(tc: ml_collections.ConfigDict) -> None:
     require_real(tc, 'train', b, 0.0, 1.0, hi_open=True, example=0.9)
   require_real(tc, 'train', 'weight_decay', 0.0)
   require_int(tc, 'train', 'warmup_steps', 0, example=100)
-  require_choice(tc, 'train', 'schedule', ('constant', 'cosine'))
+  require_choice(tc, 'train', 'schedule', ('constant', 'cosine', 'inv_sqrt'))
+  if 'optimizer' in tc:  # absent = 'adamw' (method.make_optimizer)
+    require_choice(tc, 'train', 'optimizer', ('adamw', 'radam'))
+  if tc.schedule == 'inv_sqrt':
+    if 'decay_steps' not in tc:
+      raise ConfigError('train.decay_steps', None, "is required by train."
+                        "schedule='inv_sqrt' (lr / sqrt(max(step / "
+                        'decay_steps, 1)))', 'set config.train.decay_steps '
+                        'to an int > 0 (e.g. 35000) in the config, or use '
+                        "train.schedule='constant' / 'cosine'")
+    require_int(tc, 'train', 'decay_steps', example=35000)
   require_real(tc, 'train', 'grad_clip', 0.0, example=1.0)
   require_real(tc, 'train', 'ema_decay', 0.0, 1.0, hi_open=True,
                example=0.999)

@@ -74,16 +74,47 @@ class UnsupportedNFEError(ValueError):
 def make_optimizer(train: ml_collections.ConfigDict, *, lr: float = 0.0,
                    share: float = 1.0,
                    offset: int = 0) -> optax.GradientTransformation:
-  """The shared optimizer: AdamW + warmup/cosine or constant schedule.
+  """The shared optimizer: AdamW or RAdam + warm-up and a schedule.
 
   The defaults give the optimizer of `Method.tx`. Methods with several
   networks updated on alternate iterations build one per network with
   their own `lr`, `share` and `offset`.
 
+  Optimizers (`train.optimizer`, absent = 'adamw'):
+    'adamw': `optax.adamw(lr, b1, b2, weight_decay)` (decoupled decay).
+    'radam': Rectified Adam (Liu et al. 2020, arXiv:1908.03265) with
+      decoupled weight decay: `scale_by_radam(b1, b2)`, then
+      `add_decayed_weights(weight_decay)` (left out at 0), then
+      `scale_by_learning_rate(schedule)`; at weight_decay 0 this is exactly
+      `optax.radam(schedule, b1, b2)`. PyTorch's `torch.optim.RAdam` (what
+      FastGen's sCM configs run, with weight_decay=0) applies its decay as L2
+      on the gradient unless `decoupled_weight_decay=True`, so the two agree
+      at weight_decay 0 (every protocol here) and this one matches
+      `decoupled_weight_decay=True` otherwise. Two small differences from
+      PyTorch remain: optax adds eps to sqrt(v_hat) (PyTorch to sqrt(v)
+      before the bias correction, i.e. eps / sqrt(1 - b2^t) on sqrt(v_hat)),
+      and rectifies at rho_t >= 5 (PyTorch: > 5).
+
+  Schedules (`train.schedule`; lr(n) at update count n + `offset`, with
+  W = warm-up and D = decay lengths scaled by `share`, both at least 1):
+    'constant': peak * min(1, n / W).
+    'cosine': linear warm-up to peak, cosine decay to 0 at num_steps.
+    'inv_sqrt': peak * min(1, n / W) / sqrt(max(n / D, 1)), D from
+      `train.decay_steps`: the inverse square root decay of EDM2 (Karras et
+      al. 2024, arXiv:2312.02696) used by sCM. Formula as NVlabs/FastGen@
+      34f30e8:fastgen/utils/lr_scheduler.py
+      LambdaInverseSquareRootScheduler.schedule (f = 1; if n > decay_steps:
+      f /= sqrt(n / decay_steps); if n < warm_up_steps: f *= n /
+      warm_up_steps), except that, as for 'constant', the warm-up is at
+      least one update (lr 0 at n = 0), where FastGen's warm_up_steps=0
+      gives the full lr on its first step.
+
   Args:
     train: `config.train` with `lr`, `b1`, `b2`, `weight_decay`,
-      `warmup_steps`, `schedule` ('constant' | 'cosine'), `num_steps`,
-      `grad_clip` (0 disables clipping).
+      `warmup_steps`, `schedule` ('constant' | 'cosine' | 'inv_sqrt'),
+      `num_steps`, `grad_clip` (0 disables clipping), optionally
+      `optimizer` ('adamw' | 'radam'; default 'adamw') and `decay_steps`
+      (int > 0; required by 'inv_sqrt').
     lr: peak learning rate; 0 means `train.lr`.
     share: fraction of the iterations on which this optimizer updates; the
       warm-up and decay lengths are scaled by it (counted in its updates).
@@ -101,14 +132,31 @@ def make_optimizer(train: ml_collections.ConfigDict, *, lr: float = 0.0,
         0.0, lr, warmup, max(round(train.num_steps * share), 2))
   elif train.schedule == 'constant':
     sched = optax.linear_schedule(0.0, lr, warmup)
+  elif train.schedule == 'inv_sqrt':
+    decay = max(round(train.decay_steps * share), 1)
+
+    def sched(count):
+      n = jnp.asarray(count, jnp.float32)
+      return (lr * jnp.minimum(n / warmup, 1.0)
+              / jnp.sqrt(jnp.maximum(n / decay, 1.0)))
   else:
     raise ValueError(f'config.train.schedule={train.schedule!r}: use '
-                     "'constant' or 'cosine'.")
+                     "'constant', 'cosine' or 'inv_sqrt'.")
+  schedule = (lambda c: sched(c + offset)) if offset else sched
   chain = ([optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip
            else [])
-  chain.append(optax.adamw(
-      (lambda c: sched(c + offset)) if offset else sched, b1=train.b1,
-      b2=train.b2, weight_decay=train.weight_decay))
+  name = train.get('optimizer', 'adamw')
+  if name == 'adamw':
+    chain.append(optax.adamw(schedule, b1=train.b1, b2=train.b2,
+                             weight_decay=train.weight_decay))
+  elif name == 'radam':
+    chain.append(optax.scale_by_radam(b1=train.b1, b2=train.b2))
+    if train.weight_decay:
+      chain.append(optax.add_decayed_weights(train.weight_decay))
+    chain.append(optax.scale_by_learning_rate(schedule))
+  else:
+    raise ValueError(f'config.train.optimizer={name!r}: use '
+                     "'adamw' or 'radam'.")
   return optax.chain(*chain)
 
 

@@ -93,6 +93,13 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   tc = d.get('train') or {}
   if tc.get('grad_accum', 1) in (1, None):
     tc.pop('grad_accum', None)
+  # Optimizer / schedule options added later (method.make_optimizer): the
+  # default optimizer and a decay length no schedule reads are left out, so
+  # configs without the keys keep their hash.
+  if tc.get('optimizer', 'adamw') in ('adamw', None):
+    tc.pop('optimizer', None)
+  if tc.get('schedule') != 'inv_sqrt':
+    tc.pop('decay_steps', None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
                         .encode()).hexdigest()[:12]
 
