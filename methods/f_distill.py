@@ -17,22 +17,8 @@ Objective ∫ w(t) D_f(p_t ‖ q_t) dt with r = p_t / q_t. Its gradient (paper �
 spec §3.2) is the DMD score difference weighted per sample by h(r):
   ∇_θ D_f = E[ h(r(x_t)) (∇log q_t - ∇log p_t)(x_t) α_t ∂G/∂θ ],
   h(r) = f''(r) r²,   ∇log q_t - ∇log p_t = α_t (x̂0_F - x̂0_P) / σ_t².
-f choices (`f_div`; h is f''(r) r² exactly, constants cancel in stage 2):
-  rkl  -log r                      h = 1      (= DMD / DMD2)
-  sf   (r+1) log((r+1)/(2r))       h = 1/(1+r)  (softened RKL)
-  js   r log r - (r+1) log((r+1)/2) h = r/(1+r)
-  sh   (√r - 1)²                   h = √r / 2  (squared Hellinger)
-  kl   r log r                     h = r      (forward KL)
-  jf   (r - 1) log r               h = 1 + r  (Jeffreys)
-  neyman (1 - r)² / r              h = 2/r    (Neyman χ², FastGen key)
-  alpha (r^α - α r - 1 + α)/(α(α-1)) h = r^α (Amari α, 0 < α < 1
-        interpolates RKL (α→0) and FKL (α→1); α = 1/2 is 4x sq. Hellinger)
-r comes from D, trained by logistic loss real-vs-student at noise level t:
-its logit → log p_t/q_t (data over student). Two-stage normalisation
-(FastGen `_get_f_div_weighting_h`, spec §3.4): r = clip(exp(clip(logit,
-±10)), 0.1, 20); stage 1 divides r by a per-time-bin mean (10 equal bins of
-t ∈ [0, 1], EMA `ratio_ema` of the batch mean, folded in before dividing;
-E_q[r] = 1 per t); stage 2 h ← h / (mean_batch h + 1e-6).
+f choices (`f_div`), r from D and its two-stage normalisation:
+methods/_f_distill_ratio.py docstring (spec §3.4).
 
 Student loss (student step, every `student_update_freq`-th iteration):
   Δ = h · (x̂0_F - x̂0_P) / (mean_dims |x - x̂0_P| + 1e-6)    (no grad; the
@@ -52,10 +38,7 @@ the fake score (default; DMD2 §4.3 puts D on the fake score), the teacher
 is exactly the score difference ∝ ∇ log r, so these are informative features.
 The D loss does not train F (a stop-gradient): F's *output* is the score the
 VSD term uses, so unlike DMD2's shared encoder it must not be bent by D.
-Flat data: MLP on [Fourier features (6 octaves) of (x_t, x̂0), sinusoidal(t)]
-(a plain MLP on raw 2-D coordinates stays near-constant, h ≈ 1: it cannot
-resolve std-0.1 toy modes in time); images: conv3x3, stride-2
-conv4x4 + GroupNorm + SiLU down to ≤ 4x4, mean-pool, + time embedding, linear.
+The head (MLP on Fourier features / conv stack): methods/_f_distill_ratio.py.
 
 Multi-step students (FastGen `student_sample_steps`, spec §3.7):
 `student_steps = K` trains G on the grid t_k = 1 - k/K with DMD2-style
@@ -63,17 +46,14 @@ backward simulation (the input at t_k is the student's own no-grad rollout,
 re-noised: x_{t_{k+1}} = (1 - t_{k+1}) x̂0 + t_{k+1} e), not FastGen's noised
 real data. It samples with any nfe dividing K on the sub-grid. K = 1 (paper).
 
-Length (over 400 lines, on purpose): one file per method (methods/README.md),
-and this method is three networks (student, fake score, discriminator head),
-a family of f-divergence weights with two-stage ratio normalisation, and a
-two-time-scale train step. File I/O is the harness's: the teacher run is
-found, checked and restored by onestep_bench/runs.py (`load_ema_params`).
+Helpers (re-exported here): methods/_f_distill_ratio.py (f-weights, VSD,
+D head), methods/_f_distill_config.py (config, presets, config checks,
+teacher restore). File I/O is the harness's: the teacher run is found,
+checked and restored by onestep_bench/runs.py (`load_ema_params`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -81,291 +61,34 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from onestep_bench import config_check as cc
+from methods import _f_distill_config
+from methods._f_distill_config import (  # noqa: F401 (API)
+  FASTGEN_CIFAR10,
+  FASTGEN_IMAGENET64,
+  IMAGE_PRESET,
+  PRESETS,
+  TEACHER_METHOD,
+  TeacherError,
+  _teacher_hint,
+  get_config,
+  load_teacher,
+)
+from methods._f_distill_ratio import (  # noqa: F401 (API)
+  F_DIVERGENCES,
+  density_ratio,
+  disc_apply,
+  disc_init,
+  f_divergence,
+  f_weight,
+  fourier_features,
+  normalize_ratio,
+  vsd_delta,
+  vsd_loss,
+)
 from onestep_bench import method as base
 from onestep_bench import runs
-from onestep_bench.models.embeddings import sinusoidal
 
 PyTree = Any
-
-# The teacher's method; experiments/bench.py and the Makefile read it to
-# train the teacher first and find its run (`runs.default_workdir`) without
-# naming methods.
-TEACHER_METHOD = 'flow_matching'
-# No image-specific options (experiments/bench.py applies IMAGE_PRESET).
-IMAGE_PRESET: dict[str, Any] = {}
-
-# Official recipes (NVlabs/FastGen) as `config.method` overrides; apply with
-# `config.method.update(...)`. Sources by key (fastgen/configs/...; lines
-# and the train-level values -- lr, batch, EMA, grad clip, the EDM time law
-# and discriminator, which have no method key here -- in
-# docs/methods/f_distill.md §3.12).
-FASTGEN_CIFAR10 = dict(  # experiments/EDM/config_f_distill_cifar10.py
-    f_div='kl',                  # ...cifar10.py:14
-    gan_weight=1e-3,             # methods/config_dmd2.py:40
-    student_update_freq=5,       # methods/config_dmd2.py:37
-    ratio_lower=0.1,             # methods/config_f_distill.py:28
-    ratio_upper=20.0,            # methods/config_f_distill.py:29
-    logit_clip=10.0,             # fastgen/methods/.../f_distill.py:67
-    ratio_normalization=True,    # methods/config_f_distill.py:32
-    ratio_bins=10,               # methods/config_f_distill.py:33
-    ratio_ema=0.0,               # methods/config_f_distill.py:34
-    gan_same_t_noise=False,      # methods/config_dmd2.py:43
-    disc_features='teacher',     # .../f_distill.py:146-153 (teacher feats)
-    teacher_guidance=None,       # config.py:105 (guidance_scale unset)
-    student_steps=1,             # config.py:141 (student_sample_steps)
-)
-FASTGEN_IMAGENET64 = dict(  # experiments/EDM/config_f_distill_in64.py
-    FASTGEN_CIFAR10,
-    f_div='js',                  # methods/config_f_distill.py:25 (default)
-    gan_weight=3e-3,             # ...in64.py:23
-    ratio_ema=0.5,               # ...in64.py:24
-)
-PRESETS = dict(cifar10=FASTGEN_CIFAR10, imagenet64=FASTGEN_IMAGENET64)
-
-
-def get_config() -> ml_collections.ConfigDict:
-  """f-distill defaults: FastGen values where they exist, toy-2D safe."""
-  return ml_collections.ConfigDict(dict(
-      # A flow_matching run dir of this harness (checkpoints/ + summary.json).
-      # '' only with allow_untrained_teacher=True (smoke / contract tests:
-      # the teacher is then a freshly initialised backbone).
-      teacher_workdir='',
-      allow_untrained_teacher=False,
-      # FastGen FdistillConfig.f_div default 'js' (paper: JS best on IN-64 /
-      # T2I; FastGen CIFAR-10 config uses 'kl'). Keys: module docstring.
-      f_div='js',
-      alpha=0.5,            # only for f_div='alpha' (own addition)
-      # FastGen DMD2 ModelConfig: gan_loss_weight_gen 1e-3 (CIFAR-10; IN-64
-      # 3e-3, SDXL 5e-3). f-distill needs it > 0 (r comes from D).
-      gan_weight=1e-3,
-      # FastGen student_update_freq 5 (EDM; SD1.5 10): one student step
-      # per 5 iterations, the other 4 update F and D (two-time-scale rule).
-      student_update_freq=5,
-      # Ratio clipping and normalisation: FastGen FdistillConfig
-      # (ratio_lower 0.1, ratio_upper 20, bin_num 10, ratio_ema_rate 0.0 on
-      # CIFAR-10, 0.5 on IN-64); logits clamped to ±10 before exp (code).
-      ratio_lower=0.1,
-      ratio_upper=20.0,
-      logit_clip=10.0,
-      ratio_normalization=True,
-      ratio_bins=10,
-      ratio_ema=0.0,
-      # t ~ U[t_min, t_max] for the VSD / GAN / fake-score noise: FastGen's
-      # flow-teacher configs (SD1.5: uniform, min_t 0.001, max_t 0.999).
-      t_min=0.001,
-      t_max=0.999,
-      # FastGen gan_use_same_t_noise=False: real data gets its own t and e.
-      gan_same_t_noise=False,
-      # Discriminator head: 'fake_score' (DMD2), 'teacher' (FastGen), 'raw'.
-      # Width/depth: own toy choice (FastGen's EDM heads are conv stacks on
-      # UNet features, not applicable to the shared backbones).
-      disc_features='fake_score',
-      disc_width=128,
-      disc_depth=2,
-      # Fourier octaves of D's flat inputs (own toy choice; 0 = raw
-      # coordinates; images use a conv head and ignore it).
-      disc_fourier=6,
-      # Teacher CFG scale on x̂0 (FastGen guidance_scale; None = off; SD1.5
-      # 1.75). Only used with labelled data.
-      teacher_guidance=ml_collections.config_dict.placeholder(float),
-      # Student steps K (FastGen student_sample_steps; paper: 1).
-      student_steps=1,
-      # Learning rates of G / F / D; 0 = config.train.lr. FastGen uses one
-      # lr for all three (1e-4 CIFAR-10, 2e-6 IN-64, 1e-5 SD1.5) with AdamW
-      # wd 0.01, no warm-up; the bench protocol's optimizer is kept here.
-      lr_student=0.0,
-      lr_fake=0.0,
-      lr_disc=0.0,
-  ))
-
-
-# ====================================================== f-divergences
-def _xlogx(r):
-  return r * jnp.log(r)
-
-
-F_DIVERGENCES: dict[str, tuple[Callable, Callable]] = {
-    # name: (f(r), h(r) = f''(r) r²)
-    'rkl': (lambda r: -jnp.log(r), jnp.ones_like),
-    'sf': (lambda r: (r + 1) * jnp.log((r + 1) / (2 * r)),
-           lambda r: 1 / (1 + r)),
-    'js': (lambda r: _xlogx(r) - (r + 1) * jnp.log((r + 1) / 2),
-           lambda r: r / (1 + r)),
-    'sh': (lambda r: (jnp.sqrt(r) - 1)**2, lambda r: 0.5 * jnp.sqrt(r)),
-    'kl': (_xlogx, lambda r: r),
-    'jf': (lambda r: (r - 1) * jnp.log(r), lambda r: 1 + r),
-    'neyman': (lambda r: (1 - r)**2 / r, lambda r: 2 / r),
-}
-
-
-def f_divergence(name: str, alpha: float = 0.5) -> tuple[Callable, Callable]:
-  """(f, h) for `name` (module docstring); 'alpha' uses `alpha`."""
-  if name == 'alpha':
-    a = float(alpha)
-    if a in (0.0, 1.0):
-      raise ValueError("method.alpha must not be 0 or 1 (those limits are "
-                       "f_div='rkl' and 'kl').")
-    return (lambda r: (r**a - a * r - (1 - a)) / (a * (a - 1)),
-            lambda r: r**a)
-  if name not in F_DIVERGENCES:
-    raise ValueError(f'method.f_div={name!r}: use one of '
-                     f'{sorted(F_DIVERGENCES) + ["alpha"]}.')
-  return F_DIVERGENCES[name]
-
-
-def density_ratio(logit: jax.Array, lower: float, upper: float,
-                  logit_clip: float = 10.0) -> jax.Array:
-  """Ratio r = clip(exp(clip(logit, ±logit_clip)), lower, upper), fp32."""
-  logit = jnp.clip(logit.astype(jnp.float32), -logit_clip, logit_clip)
-  return jnp.clip(jnp.exp(logit), lower, upper)
-
-
-def normalize_ratio(r: jax.Array, t: jax.Array, bins: jax.Array,
-                    ema: float) -> tuple[jax.Array, jax.Array]:
-  """Stage 1: r / (EMA per-t-bin mean of r + 1e-6); returns (r, new bins).
-
-  Bins split t ∈ [0, 1] (the network's t range) into len(bins) equal
-  intervals; only non-empty bins are updated, with the batch mean folded in
-  before dividing (FastGen). Batch means are global under jit sharding.
-  """
-  n = bins.shape[0]
-  idx = jnp.clip(jnp.floor(t * n).astype(jnp.int32), 0, n - 1)
-  onehot = jax.nn.one_hot(idx, n, dtype=jnp.float32)
-  cnt = onehot.sum(0)
-  mean = (onehot * r[:, None]).sum(0) / (cnt + 1e-6)
-  new = jnp.where(cnt > 0, ema * bins + (1 - ema) * mean, bins)
-  return r / (new[idx] + 1e-6), new
-
-
-def f_weight(r: jax.Array, h_fn: Callable) -> jax.Array:
-  """Stage 2: h(r) / (mean_batch h(r) + 1e-6), [B] fp32."""
-  h = h_fn(r.astype(jnp.float32))
-  h = jnp.broadcast_to(h, r.shape)
-  return h / (jnp.mean(h) + 1e-6)
-
-
-def vsd_delta(x: jax.Array, x0_fake: jax.Array, x0_teacher: jax.Array,
-              h: jax.Array) -> jax.Array:
-  """Δ = h (x̂0_F - x̂0_P) / (mean_dims |x - x̂0_P| + 1e-6), no grad."""
-  axes = tuple(range(1, x.ndim))
-  w = 1.0 / (jnp.mean(jnp.abs(x - x0_teacher), axes, keepdims=True) + 1e-6)
-  w = w * h.reshape(h.shape + (1,) * (x.ndim - 1))
-  return jax.lax.stop_gradient((x0_fake - x0_teacher) * w)
-
-
-def vsd_loss(x: jax.Array, delta: jax.Array) -> jax.Array:
-  """½ mean((x - sg(x - Δ))²): d/dx = Δ / x.size (FastGen common_loss)."""
-  return 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - delta)))
-
-
-# ================================================ discriminator head
-def _dense(key, n_in, n_out):
-  return {'w': jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in),
-          'b': jnp.zeros((n_out,))}
-
-
-def _conv(key, k, c_in, c_out):
-  return {'w': jax.random.normal(key, (k, k, c_in, c_out))
-               / math.sqrt(k * k * c_in), 'b': jnp.zeros((c_out,))}
-
-
-def _conv_apply(p, x, stride):
-  y = jax.lax.conv_general_dilated(
-      x, p['w'], (stride, stride), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return y + p['b']
-
-
-def _group_norm(x, groups):
-  b, h, w, c = x.shape
-  g = x.reshape(b, h, w, groups, c // groups)
-  mu = g.mean((1, 2, 4), keepdims=True)
-  var = g.var((1, 2, 4), keepdims=True)
-  return ((g - mu) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
-
-
-_T_FREQ = 32
-
-
-def fourier_features(z: jax.Array, octaves: int) -> jax.Array:
-  """[B, D] -> [B, D (1 + 2 octaves)]: z, sin(2^k z), cos(2^k z), k < n."""
-  if not octaves:
-    return z
-  a = z[..., None] * (2.0 ** jnp.arange(octaves))
-  return jnp.concatenate([z, jnp.sin(a).reshape(z.shape[0], -1),
-                          jnp.cos(a).reshape(z.shape[0], -1)], -1)
-
-
-def disc_init(key: jax.Array, shape: tuple[int, ...], n_feat: int,
-              width: int, depth: int, octaves: int = 0) -> PyTree:
-  """Head params; inputs x_t and `n_feat` x-shaped feature maps (0 or 1).
-
-  Flat data: `octaves` Fourier octaves of the inputs (MLPs are slow to learn
-  high-frequency ratios; toy modes have std 0.1 on a radius-2 ring).
-  """
-  keys = iter(jax.random.split(key, 64))
-  if len(shape) == 3:  # images [H, W, C]: conv stack to <= 4x4
-    h, c = shape[0], shape[-1] * (1 + n_feat)
-    p = {'stem': _conv(next(keys), 3, c, width), 'down': []}
-    while h > 4:
-      p['down'].append(_conv(next(keys), 4, width, width))
-      h = math.ceil(h / 2)
-    p['temb'] = _dense(next(keys), _T_FREQ, width)
-    p['out'] = _dense(next(keys), width, 1)
-    return p
-  d_in = math.prod(shape) * (1 + n_feat) * (1 + 2 * octaves) + _T_FREQ
-  layers = [_dense(next(keys), d_in if i == 0 else width, width)
-            for i in range(depth)]
-  return {'layers': layers, 'out': _dense(next(keys), width, 1)}
-
-
-def disc_apply(p: PyTree, x_t: jax.Array, feat: jax.Array | None,
-               t: jax.Array, octaves: int = 0) -> jax.Array:
-  """Logit ≈ log p_t(x_t)/q_t(x_t): x_t, feat [B, *shape], t [B] -> [B]."""
-  ins = [x_t] if feat is None else [x_t, feat]
-  temb = sinusoidal(t, _T_FREQ)
-  if 'stem' in p:
-    z = jax.nn.silu(_conv_apply(p['stem'], jnp.concatenate(ins, -1), 1))
-    for q in p['down']:
-      z = _conv_apply(q, z, 2)
-      z = jax.nn.silu(_group_norm(z, math.gcd(z.shape[-1], 32)))
-    z = jax.nn.silu(z.mean((1, 2)) + temb @ p['temb']['w'] + p['temb']['b'])
-  else:
-    z = jnp.concatenate([a.reshape(a.shape[0], -1) for a in ins], -1)
-    z = jnp.concatenate([fourier_features(z, octaves), temb], -1)
-    for q in p['layers']:
-      z = jax.nn.silu(z @ q['w'] + q['b'])
-  return z @ p['out']['w'][:, 0] + p['out']['b'][0]
-
-
-# ===================================================== teacher restore
-class TeacherError(ValueError):
-  """The teacher run cannot be used; the message names the fix."""
-
-
-def load_teacher(workdir: str, config: ml_collections.ConfigDict,
-                 spec: Any, expect: PyTree | None = None) -> PyTree:
-  """EMA params (numpy) of a `TEACHER_METHOD` run: `runs.load_ema_params`.
-
-  Raises:
-    TeacherError: missing dir / summary / checkpoint, wrong method, other
-      dataset, or a backbone that differs from `config.model` (or from the
-      shapes `expect`).
-  """
-  try:
-    return runs.load_ema_params(workdir, method=TEACHER_METHOD,
-                                config=config, spec=spec, expect=expect)
-  except (runs.RunError, runs.RunMismatchError) as e:
-    raise TeacherError(f'config.method.teacher_workdir: {e}') from e
-
-
-def _teacher_hint(config: ml_collections.ConfigDict) -> str:
-  """Where the bench teacher run is and how to train it."""
-  run = runs.default_workdir(TEACHER_METHOD, config.data.name, config.seed)
-  return (f'--config.method.teacher_workdir={run} (train it first: make '
-          f'bench METHOD={TEACHER_METHOD} DATASET={config.data.name} '
-          f'SEED={config.seed})')
 
 
 # ============================================================= method
@@ -388,61 +111,9 @@ class Method(base.Method):
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
     """f, ratio / time / D settings, student steps and the teacher source.
 
-    The teacher run itself (existence, method, data, backbone) is checked by
-    `load_teacher` in `__init__` (TeacherError), before anything compiles.
+    The checks: `validate_config` in methods/_f_distill_config.py.
     """
-    c, p = config.method, 'method'
-    if not isinstance(c.teacher_workdir, str):
-      raise cc.ConfigError('method.teacher_workdir', c.teacher_workdir,
-                           'must be a run directory (a string)',
-                           '--config.method.teacher_workdir=runs/...')
-    if not cc.require_bool(c, p, 'allow_untrained_teacher') and (
-        not c.teacher_workdir):
-      raise cc.ConfigError(
-          'method.teacher_workdir', '', 'f-distill needs a teacher (a '
-          f'{TEACHER_METHOD} run of this harness)', _teacher_hint(config)
-          + ', or set method.allow_untrained_teacher=True for smoke tests')
-    f_div = cc.require_choice(c, p, 'f_div', [*F_DIVERGENCES, 'alpha'])
-    alpha = cc.require_real(c, p, 'alpha', example=0.5)
-    if f_div == 'alpha' and alpha in (0.0, 1.0):
-      raise cc.ConfigError('method.alpha', alpha, "must not be 0 or 1 (those "
-                           "limits are f_div='rkl' and 'kl')",
-                           '--config.method.alpha=0.5')
-    gan = cc.require_real(c, p, 'gan_weight', 0.0, example=1e-3)
-    if gan == 0 and f_div != 'rkl':
-      raise cc.ConfigError('method.gan_weight', gan, 'must be > 0: r comes '
-                           'from the discriminator', "--config.method."
-                           "gan_weight=1e-3, or f_div='rkl' for pure DMD")
-    cc.require_int(c, p, 'student_update_freq', 2, example=5)
-    lower = cc.require_real(c, p, 'ratio_lower', 0.0, lo_open=True,
-                            example=0.1)
-    cc.require_real(c, p, 'ratio_upper', lower, lo_open=True, example=20.0)
-    cc.require_real(c, p, 'logit_clip', 0.0, lo_open=True, example=10.0)
-    cc.require_bool(c, p, 'ratio_normalization')
-    cc.require_int(c, p, 'ratio_bins', example=10)
-    cc.require_real(c, p, 'ratio_ema', 0.0, 1.0, hi_open=True, example=0.0)
-    t_min = cc.require_real(c, p, 't_min', 0.0, 1.0, hi_open=True,
-                            example=0.001)
-    cc.require_real(c, p, 't_max', t_min, 1.0, lo_open=True, example=0.999)
-    cc.require_bool(c, p, 'gan_same_t_noise')
-    cc.require_choice(c, p, 'disc_features', ('fake_score', 'teacher', 'raw'))
-    cc.require_int(c, p, 'disc_width', example=128)
-    cc.require_int(c, p, 'disc_depth', 0, example=2)
-    cc.require_int(c, p, 'disc_fourier', 0, example=6)
-    if c.teacher_guidance is not None:
-      cc.require_real(c, p, 'teacher_guidance', 0.0, example=1.75)
-      if not cc.labelled(config):
-        raise cc.ConfigError('method.teacher_guidance', c.teacher_guidance,
-                             'needs class labels, but the data is '
-                             'unconditional', 'leave it unset (None)')
-    k = cc.require_int(c, p, 'student_steps')
-    for name in ('lr_student', 'lr_fake', 'lr_disc'):
-      cc.require_real(c, p, name, 0.0, example=0.0)  # 0 = config.train.lr
-    cc.check_supported_nfe(
-        config, tuple(n for n in range(1, k + 1) if k % n == 0),
-        f'f_distill with method.student_steps={k} (its divisors)')
-    cc.refuse_guidance(config, "f_distill distils the teacher's CFG "
-                       '(method.teacher_guidance) and samples without it')
+    _f_distill_config.validate_config(config)
 
   def __init__(self, config: ml_collections.ConfigDict, spec: Any):
     super().__init__(config, spec)
