@@ -191,6 +191,7 @@ def test_peers_section_quick_rows():
   for key in [('flow_matching', 'harness_over_torchcfm'),
               ('flow_matching', 'harness_over_hand_jax'),
               ('flow_matching', 'floor_over_torchcfm'),
+              ('flow_matching', 'harness_over_torchcfm_verbatim'),
               ('flow_matching', 'lean_over_every_step_metrics'),
               ('drifting', 'harness_over_official_demo'),
               ('drifting', 'lean_over_every_step_metrics'),
