@@ -35,6 +35,17 @@ KINDS = ('paper', 'equal_budget')
 # Where the data live by default (override with --config.data.name / dir).
 DATA_NAMES = {'cifar10': 'cifar10', 'imagenet64': 'imagenet64',
               'imagenet256_latent': 'latents:data/imagenet256_sdvae_latents'}
+# The FID-50K reference of the latent protocols: the ADM evaluator's
+# reference batch (openai/guided-diffusion evaluations/README.md), which
+# DiT, SiT, MeanFlow, TVM and Drifting all score against. Declared here,
+# checked before training starts (`reference.adm_path`: the file must
+# exist); override with --config.evals.main.reference='adm:/path/...npz'.
+ADM_REFERENCE = 'adm:data/VIRTUAL_imagenet256_labeled.npz'
+# Latent samples are decoded to images by the SD-VAE before Inception
+# (`meta.vae` of every latent protocol); the converted weights are found at
+# `evals.main.vae`, else $ONESTEP_VAE_WEIGHTS, else the default path
+# (`onestep_bench.vae.weights.resolve_path`; docs/vae.md).
+LATENT_VAE = 'sd-vae-ft-ema'
 _EXAMPLE = ('e.g. --config=experiments/paper.py:method=meanflow,'
             'dataset=imagenet256_latent,size=B/2')
 _EVAL = dict(bench._IMAGE_EVAL, nfe=(1, 2, 4), n_samples=50_000,  # pylint: disable=protected-access
@@ -142,7 +153,14 @@ def _apply(c: ml_collections.ConfigDict, values: dict[str, ps.C]) -> None:
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
-  """Tiny sizes on the same code path (tests, CI)."""
+  """Tiny sizes on the same code path (tests, CI).
+
+  Latent protocols drop their eval: it needs the SD-VAE weights and the
+  ADM batch, which tests do not have (tests/test_latent_eval.py runs that
+  path on a tiny VAE and a mock reference batch).
+  """
+  if c.data.name.startswith('latents:'):
+    c.evals = ml_collections.ConfigDict()
   if c.model.name == 'dit':
     c.model.update(size='tiny', dtype='float32', freq_dim=16)
     if 'num_heads' in c.model:
@@ -185,10 +203,10 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   # protocol that does not fit a chip at its published global batch runs
   # with --config.train.grad_accum=k (`make plan` reports the smallest k).
   c.train.grad_accum = 1
-  # Latents: image FID needs the VAE decoder the harness does not have yet,
-  # so latent protocols train without an eval (sample with `make eval`).
-  c.evals = ml_collections.ConfigDict(
-      {} if latent else {'main': dict(_EVAL)})
+  # Latents: FID-50K of the VAE-decoded samples against the ADM batch.
+  main = dict(_EVAL, reference=ADM_REFERENCE, vae='',
+              vae_config=LATENT_VAE) if latent else dict(_EVAL)
+  c.evals = ml_collections.ConfigDict({'main': main})
   for ev in c.evals.values():
     ev.guidance = ml_collections.config_dict.placeholder(float)
   c.curve.update(fractions=())  # FID-50K curve points cost a run each

@@ -271,6 +271,9 @@ class Entry:
     c = paper.get_config(args + (f',size={self.size}' if self.size else ''))
     if 'allow_untrained_teacher' in c.method:  # shapes only: no teacher run
       c.method.update(allow_untrained_teacher=True, teacher_workdir='')
+    # Shapes only: the plan compiles its own samplers, and the eval's files
+    # (ADM reference batch, VAE weights) are not needed to compile.
+    c.evals = ml_collections.ConfigDict()
     return c
 
 

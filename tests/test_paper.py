@@ -61,7 +61,22 @@ def test_table_covers_every_method_and_labels_derived_ones():
   assert ps.PROTOCOLS[('transition_matching', 'cifar10')].status == 'derived'
 
 
-def test_every_protocol_builds_and_validates():
+def _eval_files(tmp_path):
+  """A mock ADM reference batch and a stand-in VAE weights file."""
+  adm = tmp_path / 'VIRTUAL_imagenet256_labeled.npz'
+  np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8),
+           mu=np.zeros(2048), sigma=np.eye(2048))
+  vae = tmp_path / 'sd-vae-ft-ema.npz'
+  vae.write_bytes(b'')  # only its presence is checked before training
+  return f'adm:{adm}', str(vae)
+
+
+def test_every_protocol_builds_and_validates(tmp_path, monkeypatch):
+  from onestep_bench.vae import weights  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
+  monkeypatch.setattr(weights, 'default_path',
+                      lambda name: str(tmp_path / 'none' / f'{name}.npz'))
+  adm, vae = _eval_files(tmp_path)
   for m, d, kind in _entries():
     if m not in available_methods():
       continue
@@ -69,6 +84,18 @@ def test_every_protocol_builds_and_validates():
     for smoke in (False, True):
       c = paper.get_config(f'method={m},dataset={d},protocol={kind},'
                            f'smoke={smoke}')
+      if d == 'imagenet256_latent' and not smoke:
+        # FID-50K against the ADM batch of the VAE-decoded samples: the
+        # declared files must exist before training starts.
+        ev = c.evals.main
+        assert (ev.reference, ev.vae_config) == (paper.ADM_REFERENCE,
+                                                  paper.LATENT_VAE)
+        with pytest.raises(ConfigError, match='evals.main.reference'):
+          config_check.validate(c, cls)
+        ev.reference = adm
+        with pytest.raises(ConfigError, match='evals.main.vae'):
+          config_check.validate(c, cls)
+        ev.vae = vae
       config_check.validate(c, cls)
       assert c.protocol == ('smoke' if smoke else kind)
   c = paper.get_config('method=meanflow,dataset=imagenet256_latent')
