@@ -171,13 +171,11 @@ class TorchCFM:
     return t, xt, x1 - x0  # compute_conditional_flow
 
 
-def torch_8gaussians(torch, n: int):
-  """The torchcfm `sample_8gaussians(n)` (= toy2d:8gaussians_torchcfm).
+def _torch_8gaussians_draws(torch, n: int):
+  """The draws of torchcfm's `eight_normal_sample(n, 2, scale=5, var=0.1)`.
 
-  Its `eight_normal_sample(n, 2, scale=5, var=0.1)` draws the noise from
-  `MultivariateNormal(0, sqrt(var) I)` and the modes with `multinomial`,
-  then stacks the rows in a Python loop; here the rows are indexed at once
-  (same law, faster for the peer).
+  Returns (centers [8, 2], noise [n, 2] from `MultivariateNormal(0,
+  sqrt(var) I)`, modes [n] from `multinomial`), drawn in torchcfm's order.
   """
   s = 1.0 / math.sqrt(2.0)
   centers = 5.0 * torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s),
@@ -186,23 +184,26 @@ def torch_8gaussians(torch, n: int):
       torch.zeros(2), math.sqrt(0.1) * torch.eye(2))
   noise = m.sample((n,))
   multi = torch.multinomial(torch.ones(8), n, replacement=True)
+  return centers, noise, multi
+
+
+def torch_8gaussians(torch, n: int):
+  """The torchcfm `sample_8gaussians(n)` (= toy2d:8gaussians_torchcfm).
+
+  torchcfm stacks the rows in a Python loop; here they are indexed at once
+  (same law, faster for the peer).
+  """
+  centers, noise, multi = _torch_8gaussians_draws(torch, n)
   return (centers[multi] + noise).float()
 
 
 def torch_8gaussians_verbatim(torch, n: int):
   """The published torchcfm `sample_8gaussians(n)`, its per-row loop kept.
 
-  torchcfm/utils.py `eight_normal_sample(n, 2, scale=5, var=0.1)`: the
-  rows are stacked in a Python loop (`data.append(centers[multi[i]] +
-  noise[i])`), the cost its tutorial pays every step.
+  torchcfm/utils.py `eight_normal_sample`: `data.append(centers[multi[i]] +
+  noise[i])` for every row, the cost its tutorial pays every step.
   """
-  s = 1.0 / math.sqrt(2.0)
-  centers = 5.0 * torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s),
-                                (s, -s), (-s, s), (-s, -s)])
-  m = torch.distributions.MultivariateNormal(
-      torch.zeros(2), math.sqrt(0.1) * torch.eye(2))
-  noise = m.sample((n,))
-  multi = torch.multinomial(torch.ones(8), n, replacement=True)
+  centers, noise, multi = _torch_8gaussians_draws(torch, n)
   return torch.stack([centers[multi[i]] + noise[i] for i in range(n)]).float()
 
 
