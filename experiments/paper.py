@@ -194,7 +194,8 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
   latent = dataset == 'imagenet256_latent'
   c.data = ml_collections.ConfigDict({
       'name': DATA_NAMES[dataset], 'dir': '', 'conditional': False,
-      'hflip': False, **({'latent_scale': 1.0} if latent else {})})
+      'hflip': False, 'pipeline': 'device',
+      **({'latent_scale': 1.0} if latent else {})})
   c.model = ml_collections.ConfigDict({**bench._METHOD_INPUTS,  # pylint: disable=protected-access
                                        'name': values['model.name'].value})
   c.train.update(steps_per_dispatch=1, log_every_steps=100,
@@ -211,6 +212,11 @@ def get_config(arg_string: str = '') -> ml_collections.ConfigDict:
     ev.guidance = ml_collections.config_dict.placeholder(float)
   c.curve.update(fractions=())  # FID-50K curve points cost a run each
   _apply(c, values)
+  if latent and 'classes_per_step' not in c.method:
+    # ImageNet latents (prepare_latents records, 21-42 GB) are host-fed;
+    # methods that draw class-grouped batches (Drifting) need the device
+    # path, i.e. `.npy` latents that fit (docs/data_pipeline.md).
+    c.data.pipeline = 'grain'
   if getattr(method_module(method), 'TEACHER_METHOD', None) and (
       'teacher_workdir' in c.method):
     teacher_kind = 'equal_budget' if kind == 'equal_budget' else 'paper'

@@ -81,7 +81,10 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
   Optional keys: `dir` (data directory: IDX dir, TFDS data_dir, or a
   directory of the harness's ArrayRecord files, data/arrayrecord.py),
   `conditional` (feed class labels; default False), `hflip` (random
-  horizontal flips), `latent_scale` (multiplier for `latents:` data),
+  horizontal flips), `latent_scale` (the scale the model's latents are
+  in: `.npy` latents are multiplied by it; `prepare_latents` records,
+  already scaled, must match their sidecar's and are read only by
+  `pipeline='grain'`, data/latent_records.py),
   `pipeline` ('device' default | 'grain': a host-fed `StreamedImages`),
   `holdout` / `holdout_seed` (in-memory image / latent data: a validation
   split carved from train, `check_holdout`).
@@ -115,6 +118,9 @@ def build(config: ml_collections.ConfigDict) -> Dataset:
   if family == 'latents':
     if not sub:
       raise ValueError("Use config.data.name='latents:<directory>'.")
+    from onestep_bench.data import latent_records  # pylint: disable=g-import-not-at-top
+    if latent_records.has_split(sub):  # prepare_latents' records: too big
+      latent_records.refuse_device_path(sub)
     splits, k = sources.load_latents(sub)
     return arrays(splits, k, 'latent',
                   scale=float(config.get('latent_scale', 1.0)))

@@ -11,7 +11,10 @@ one message naming the fix; nothing is ever downloaded at run time.
 - `mnist`, `cifar10`, `imagenet64`: TFDS `data_source` (ArrayRecord, TF-free)
   over a prepared TFDS data dir (`download=False`).
 - `latents:<dir>`: precomputed VAE latents `<dir>/{split}_latents.npy`
-  [N, h, w, c] float and `<dir>/{split}_labels.npy`.
+  [N, h, w, c] float (unscaled: times `config.data.latent_scale`) and
+  `<dir>/{split}_labels.npy`. A `<dir>` of `prepare_latents` records
+  (`onestep_latents/v1`, already scaled) is read by
+  `data/latent_records.py`, host-fed only.
 
 The host-fed pipeline (`config.data.pipeline='grain'`, data/pipeline.py)
 reads the same data through random-access sources instead, index ->

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from onestep_bench.data import DataSpec, arrayrecord, sources
+from onestep_bench.data import DataSpec, arrayrecord, latent_records, sources
 from onestep_bench.data.images import to_float
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -151,9 +151,12 @@ def build(config: ml_collections.ConfigDict) -> StreamedImages:
   """The host-fed dataset of `config` (`data.build` with pipeline='grain').
 
   Sources, first match: the harness's ArrayRecord files in `config.dir`
-  (for `latents:<dir>`: in <dir>); TFDS `data_source` splits (mnist,
-  cifar10, imagenet64); memory-mapped latent `.npy` files; the in-memory
-  loaders (digits, fashion_mnist) as `ArraySource`s.
+  (for `latents:<dir>`: in <dir>); `prepare_latents` records
+  (`onestep_latents/v1`, data/latent_records.py: already scaled, so
+  `latent_scale` must equal their sidecar's and is not applied again);
+  memory-mapped latent `.npy` files (times `latent_scale`); TFDS
+  `data_source` splits (mnist, cifar10, imagenet64); the in-memory loaders
+  (digits, fashion_mnist) as `ArraySource`s.
   """
   family, _, sub = config.name.partition(':')
   directory = sub if family == 'latents' else (config.get('dir') or None)
@@ -168,6 +171,11 @@ def build(config: ml_collections.ConfigDict) -> StreamedImages:
     train = srcs['train']
     return StreamedImages(config.name, srcs, train.num_classes,
                           kind=arrayrecord.kind_of(train.dtype), **kwargs)
+  if family == 'latents' and latent_records.has_split(sub):
+    srcs = latent_records.open_splits(sub)  # prepare_latents' records
+    kwargs['scale'] = latent_records.loader_scale(config, srcs['train'])
+    return StreamedImages(config.name, srcs, srcs['train'].num_classes,
+                          kind='latent', **kwargs)
   if family == 'latents':
     srcs, k = sources.open_latents(sub)
     return StreamedImages(config.name, srcs, k, kind='latent', **kwargs)

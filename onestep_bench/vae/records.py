@@ -35,8 +35,9 @@ preprocess {crop: 'adm_center_crop', size, input: 'x / 127.5 - 1'},
 options. The sidecar is written before the shards; a split is complete
 when every shard file exists (`shard_paths` checks).
 
-Reader API: `read_sidecar(dir, split)`, `LatentSpec.from_sidecar(meta)`,
-`shard_paths(dir, split)`, `data_source(dir, split)` (grain's
+Reader API: `has_split(dir, split)`, `read_sidecar(dir, split)`,
+`LatentSpec.from_sidecar(meta)`, `shard_paths(dir, split)`,
+`data_source(dir, split)` (grain's
 ArrayRecordDataSource over the shards: `source[i]` is record i's bytes),
 `decode_record(bytes, spec)` -> (latent, label, index) and
 `decode_records(list_of_bytes, spec)` -> (latents [B, *shape], labels [B],
@@ -278,3 +279,19 @@ def data_source(directory: str, split: str) -> Any:
   """An ArrayRecordDataSource (grain) over a complete split's shards."""
   import grain  # pylint: disable=g-import-not-at-top
   return grain.sources.ArrayRecordDataSource(shard_paths(directory, split))
+
+
+def has_split(directory: str, split: str) -> bool:
+  """Whether `directory` holds a sidecar of this format for `split`.
+
+  Only the sidecar is checked (the shards: `shard_paths`); the harness's
+  own ArrayRecord files (data/arrayrecord.py) use another format name.
+  """
+  path = sidecar_path(directory, split)
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('format') == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
