@@ -68,201 +68,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
-from onestep_bench import config_check as cc
+from methods import _transition_matching_config
+from methods._transition_matching_config import (  # noqa: F401 (API)
+  HEAD_INPUTS,
+  IMAGE_PRESET,
+  divisors,
+  get_config,
+)
+from methods._transition_matching_head import (  # noqa: F401 (API)
+  HEAD_SAMPLERS,
+  Head,
+  HeadFn,
+  _HeadBlock,
+  integrate_head,
+)
 from onestep_bench import method as base
 from onestep_bench import models
-from onestep_bench.models import layers
-from onestep_bench.models.embeddings import TimeEmbed
-
-
-def get_config() -> ml_collections.ConfigDict:
-  """DTM defaults for toy 2D (paper T2I values in the comments)."""
-  return ml_collections.ConfigDict(dict(
-      # 0: continuous τ ~ U[0, 1) (spec §2.3 [I]: the paper samples DTM at
-      # 1-128 steps, Tabs. 10-11, so one model must serve every T); > 0:
-      # the paper's discrete grid τ = k/train_T (Alg. 3; T2I: 32).
-      train_T=0,
-      # What the head reads. 'hidden' (paper §2.5: the head replaces the
-      # backbone's final layer): the last hidden activation, per token
-      # (MLP: last hidden layer, width 128 on toy; U-Net: the last decoder
-      # map, head_patch² pixels of it; DiT: its final tokens). 'output'
-      # (the earlier design): a backbone with rep_dim output channels.
-      # Toy evidence (8gaussians, bench, seed 0, one run each, midpoint x 4
-      # head on both): sliced W2 T=1/2/4 'hidden' 0.160 / 0.099 / 0.091,
-      # 'output' 0.134 / 0.087 / 0.098 -- inside the seed spread (the
-      # 'output' + Euler x 8 config over seeds 0-2: T=1 0.142-0.192, T=4
-      # 0.056-0.096), so the paper's design is kept; images not run yet.
-      head_input='hidden',
-      # head_input='output' only: representation channels of the backbone
-      # output (per pixel / per sample); X_τ is zero-padded to this width.
-      # [I] toy: 32 (16x the data dim).
-      rep_dim=32,
-      # Head token = head_patch x head_patch x C pixels (paper: 2x2x4 of a
-      # 32x32x4 latent, §2.3); vectors are always one token (the sample).
-      head_patch=1,
-      # MAR-style head (paper §2.5: 6 blocks of width 1024, ~2% of the
-      # backbone's params, c_head/c_backbone ≈ 0.04, spec §2.6). [I] toy:
-      # 2 blocks of width 32, c_head/c_backbone ≈ 0.13 (the toy backbone is
-      # tiny). Width 64 is better at T = 1-2 but 4x the head cost
-      # (measured with the earlier 'output' + Euler x 8 head: 8gaussians
-      # energy distance T=1/2/4: w32 0.017 / 0.0020 / 0.0016 at effective
-      # NFE 2.0/4.1/8.2; w64 0.0059 / 0.00006 / 0.0007 at 5.1/10.2/20.4).
-      head_width=32,
-      head_depth=2,
-      head_freq_dim=32,  # sinusoidal width of the s/t embedders (as model)
-      # Head ODE solver and its steps per transition. Paper: 'euler', 64
-      # steps in the main tables (quality saturates at 4 for T = 16, Tab.
-      # 10; 1 Euler step = FM-Euler). [I] 'midpoint' x 4 = 8 head
-      # evaluations, the cost of the earlier Euler x 8, chosen on the exact
-      # kernel of toy2d:gaussian (head output covariance / Cov(Y | X_τ),
-      # eigenvalues at τ = 0, 0.5, 0.75): Euler 8 / 16 / 64 / 256 evals
-      # 0.61-0.72 / 0.79-0.85 / 0.94-0.96 / 0.985-0.99; midpoint 4 / 8 / 16
-      # evals 0.84-0.98 / 0.987-0.996 / 0.998-0.999; Heun 8 / 16 evals
-      # 0.94-1.07 / 0.987-1.03. Samples vs Σ (200k, T = 1/2/4, trace):
-      # Euler x 8 0.71 / 0.77 / 0.85, midpoint x 4 0.998 / 0.995 / 0.999.
-      # Learned 8gaussians model (bench, seed 0, 'output' head), same
-      # weights: sliced W2 T=1/2/4 Euler x 8 0.142 / 0.087 / 0.096,
-      # midpoint x 4 0.134 / 0.087 / 0.098, Euler x 64 0.131 / 0.084 /
-      # 0.094 (at 4.5x the head cost).
-      head_steps=4,
-      head_sampler='midpoint',
-      # (s, Y_0) draws per token per backbone pass (paper: 1; MAR uses 4).
-      head_batch_mul=1,
-      # Label dropout to the null class (spec §2.8: 0.1-0.15; paper 0.15).
-      class_dropout=0.1,
-  ))
-
-
-# Image overrides of `get_config` (digits / Fashion-MNIST with the small
-# U-Net of experiments/bench.py). [I], untuned (no image run yet): 2x2 head
-# tokens as the paper; the head reads 2x2 pixels of the U-Net's last
-# decoder map (16 channels: 64 per token); a 2 x 48 head, c_head/c_backbone
-# ≈ 0.11, so midpoint x 4 (8 head evaluations) makes the effective NFE
-# 1.94 T on digits (the earlier 'output' + Euler x 8 head: 1.97 T). rep_dim
-# = 8 (32 per token) serves head_input='output' only (its zero-padded input
-# / wider output convs add 3% to the U-Net's FLOPs).
-IMAGE_PRESET = dict(rep_dim=8, head_patch=2, head_width=48, head_depth=2,
-                    head_steps=4)
-
-
-# ------------------------------------------------------------------- head
-class _HeadBlock(nnx.Module):
-  """MAR ResBlock: LN -> modulate -> Linear -> SiLU -> Linear, gated."""
-
-  def __init__(self, width: int, *, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(width, width, rngs=rngs)
-    self.fc2 = nnx.Linear(width, width, rngs=rngs)
-    self.adaln = layers.AdaLN(width, width, 3, rngs=rngs)  # zero-init
-
-  def __call__(self, z: jax.Array, c: jax.Array) -> jax.Array:
-    shift, scale, gate = self.adaln(c)
-    h = layers.layer_norm(z) * (1 + scale) + shift
-    return z + gate * self.fc2(nnx.silu(self.fc1(h)))
-
-
-class Head(nnx.Module):
-  """Per-token velocity g(Y_s, s, t, h): tokens [..., n, d] -> [..., n, d].
-
-  Every token is processed independently (only Linear / per-token norms
-  over the last axis), so no information crosses tokens (spec §2.3).
-  """
-
-  def __init__(self, token_dim: int, cond_dim: int, *, width: int, depth: int,
-               freq_dim: int, rngs: nnx.Rngs):
-    self.depth = depth
-    self.inp = nnx.Linear(token_dim, width, rngs=rngs)
-    self.cond = nnx.Linear(cond_dim, width, rngs=rngs)
-    self.t_embed = TimeEmbed(width, freq_dim, rngs=rngs)
-    self.s_embed = TimeEmbed(width, freq_dim, rngs=rngs)
-    for i in range(depth):  # named attributes: plain str-keyed params
-      setattr(self, f'block{i}', _HeadBlock(width, rngs=rngs))
-    self.final_adaln = layers.AdaLN(width, width, 2, rngs=rngs)
-    self.out = nnx.Linear(width, token_dim,
-                          kernel_init=nnx.initializers.zeros, rngs=rngs)
-
-  def context(self, rep: jax.Array, t: jax.Array) -> jax.Array:
-    """Per-transition condition: rep [B, n, r], t [B] -> [B, n, w]."""
-    return self.cond(rep) + self.t_embed(t)[:, None]
-
-  def velocity(self, ctx: jax.Array, y: jax.Array, s: jax.Array) -> jax.Array:
-    """Velocity: ctx [B, n, w], y [B, n, d], s ~ [B, n] -> [B, n, d]."""
-    s = jnp.asarray(s, jnp.float32)
-    c = ctx + self.s_embed(s.reshape(-1)).reshape(*s.shape, -1)
-    z = self.inp(y)
-    for i in range(self.depth):
-      z = getattr(self, f'block{i}')(z, c)
-    shift, scale = self.final_adaln(c)
-    return self.out(layers.layer_norm(z) * (1 + scale) + shift)
-
-
-class HeadFn(models.Functional):
-  """`Head` as pure functions of its params (`models.Functional` + names)."""
-
-  def context(self, params: dict[str, Any], rep: jax.Array,
-              t: jax.Array) -> jax.Array:
-    """`Head.context(rep, t)` with `params`."""
-    return self.bind(params).context(rep, t)
-
-  def velocity(self, params: dict[str, Any], ctx: jax.Array, y: jax.Array,
-               s: jax.Array) -> jax.Array:
-    """`Head.velocity(ctx, y, s)` with `params`."""
-    return self.bind(params).velocity(ctx, y, s)
-
-
-# ------------------------------------------------------ the head's solver
-# Head evaluations per step of each `head_sampler`.
-HEAD_SAMPLERS = {'euler': 1, 'midpoint': 2, 'heun': 2}
-# What the head reads from the backbone (`head_input`).
-HEAD_INPUTS = ('hidden', 'output')
-
-
-def integrate_head(velocity: Callable[[jax.Array, jax.Array], jax.Array],
-                   y: jax.Array, steps: int, sampler: str) -> jax.Array:
-  """Y_0 -> Y_1 along the head's flow dY/ds = u(Y, s), `steps` steps of 1/N.
-
-  Args:
-    velocity: u(y, s), y [B, n, d], s [1, 1] (one time for every token, so
-      the s-embedding runs once per evaluation) -> [B, n, d].
-    y: Y_0 ~ N(0, I), [B, n, d].
-    steps: N uniform steps on s ∈ [0, 1].
-    sampler: 'euler' (paper, N evaluations), 'midpoint' (explicit midpoint,
-      2N evaluations, u at s_j and s_j + 1/2N) or 'heun' (trapezoidal
-      predictor-corrector, 2N evaluations, u at s_j and s_{j+1}).
-
-  Returns:
-    Y_1, [B, n, d].
-  """
-  if sampler not in HEAD_SAMPLERS:
-    raise ValueError(f'Unknown head_sampler={sampler!r}; valid: '
-                     f'{tuple(HEAD_SAMPLERS)}.')
-  dt = 1.0 / steps
-
-  def step(y, j):
-    s = jnp.reshape(j.astype(jnp.float32) * dt, (1, 1))
-    u = velocity(y, s)
-    if sampler == 'midpoint':
-      u = velocity(y + 0.5 * dt * u, s + 0.5 * dt)
-    elif sampler == 'heun':
-      u = 0.5 * (u + velocity(y + dt * u, s + dt))
-    return y + dt * u, None
-
-  return jax.lax.scan(step, y, jnp.arange(steps))[0]
 
 
 # ------------------------------------------------------------- the method
-def divisors(n: int) -> tuple[int, ...]:
-  """Positive divisors of n: the T a discrete-τ model samples exactly."""
-  return tuple(k for k in range(1, n + 1) if n % k == 0)
-
-
 class Method(base.Method):
   """DTM: T backbone passes, each followed by a `head_steps`-step head ODE."""
 
@@ -273,49 +103,11 @@ class Method(base.Method):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    """Grid, representation / head sizes; NFEs dividing a discrete train_T."""
-    c, p = config.method, 'method'
-    big_t = cc.require_int(c, p, 'train_T', 0, example=0)
-    rep = cc.require_int(c, p, 'rep_dim', example=32)
-    patch = cc.require_int(c, p, 'head_patch')
-    cc.require_int(c, p, 'head_width', example=32)
-    cc.require_int(c, p, 'head_depth', 0, example=2)
-    f = cc.require_int(c, p, 'head_freq_dim', 2, example=32)
-    if f % 2:
-      raise cc.ConfigError('method.head_freq_dim', f, 'must be even '
-                           '(sinusoidal features come in sin / cos pairs)',
-                           f'--config.method.head_freq_dim={f + 1}')
-    cc.require_int(c, p, 'head_steps', example=4)
-    cc.require_choice(c, p, 'head_sampler', tuple(HEAD_SAMPLERS))
-    head_input = cc.require_choice(c, p, 'head_input', HEAD_INPUTS)
-    cc.require_int(c, p, 'head_batch_mul')
-    cc.require_prob(c, p, 'class_dropout')
-    image = not str(config.data.name).startswith('toy2d:')
-    if head_input == 'hidden' and image and config.model.name == 'mlp':
-      raise cc.ConfigError(
-          'method.head_input', head_input, "'output' with the mlp backbone "
-          'on images (its hidden features are one vector, not per token)',
-          '--config.method.head_input=output')
-    if head_input == 'hidden' and image and config.model.name == 'dit':
-      dit_p = config.model.get('patch_size',
-                               models.options('dit')['patch_size'])
-      if patch % dit_p:
-        raise cc.ConfigError(
-            'method.head_patch', patch, f'must be a multiple of the DiT '
-            f'patch_size ({dit_p}): the head reads whole DiT tokens',
-            f'--config.method.head_patch={dit_p}')
-    if str(config.data.name).startswith('toy2d:'):  # vectors of 2 channels
-      if patch != 1:
-        raise cc.ConfigError('method.head_patch', patch, 'must be 1 for '
-                             'vector data (one token = the whole sample)',
-                             '--config.method.head_patch=1')
-      if head_input == 'output' and rep < 2:
-        raise cc.ConfigError('method.rep_dim', rep, 'must be >= the data '
-                             'channels (2): X_τ is zero-padded to it',
-                             '--config.method.rep_dim=32')
-    if big_t:
-      cc.check_supported_nfe(config, divisors(big_t), 'transition_matching '
-                             f'with method.train_T={big_t} (its divisors)')
+    """Grid, representation / head sizes; NFEs dividing a discrete train_T.
+
+    The checks: `validate_config` in methods/_transition_matching_config.py.
+    """
+    _transition_matching_config.validate_config(config)
 
   def __init__(self, config: ml_collections.ConfigDict, spec):
     super().__init__(config, spec)
