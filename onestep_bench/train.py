@@ -1,10 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the one training + evaluation loop.
 
 Shared by every method. Read top to bottom: setup (`build_state`, shared
-with experiments/perf.py), state (fresh or resumed), the jitted multi-step
-dispatch, the loop (logging, non-finite check, checkpoints, preemption),
-evaluation, summary. Over 400 lines because that loop is one function on
-purpose: one place to read what a run does, in order.
+with experiments/perf_common.py), state (fresh or resumed), the jitted
+multi-step dispatch, the loop (logging, non-finite check, checkpoints,
+preemption), evaluation, summary. Over 400 lines because that loop is one
+function on purpose: one place to read what a run does, in order.
 
 RNG: step `i` uses `fold_in(root, i)` (split into data / method keys), and
 batches are drawn inside the jitted step, so a resumed run is bitwise equal
@@ -283,8 +283,8 @@ def build_state(config: ml_collections.ConfigDict,
                 init_key: jax.Array) -> BuiltState:
   """Data, method (validated, prepared), mesh and the initial sharded state.
 
-  The set-up shared by `train_and_evaluate` and experiments/perf.py. Shapes
-  come first (`eval_shape`): a bad backbone config (e.g. image size vs
+  The set-up shared by `train_and_evaluate` and experiments/perf_common.py.
+  Shapes come first (`eval_shape`): a bad backbone config (e.g. image size vs
   patch size) fails before anything compiles; then the jitted `init` places
   the state by its shardings, and the data go to every device.
   """
