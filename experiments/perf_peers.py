@@ -102,6 +102,11 @@ def interleaved(loops: dict[str, tuple[Loop, int]], repeats: int,
                 settle_s: float = SETTLE_S) -> dict[str, float]:
   """Median seconds per step of each loop, rounds interleaved A, B, A, B.
 
+  Unlike experiments/perf_common.interleaved (fixed calls, no pause), the
+  calls here are sized to ~`call_s` per loop and each is preceded by an
+  untimed `settle_s` pause: torch and XLA loops alternate, and the one timed
+  right after a torch call ran ~10 % slow without it (docs/perf_peers.md).
+
   Args:
     loops: name -> (run, unit): run(k) takes k steps, k a multiple of
       `unit` (the harness: its steps per dispatch; else 1). Each call runs

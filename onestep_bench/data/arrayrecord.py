@@ -53,18 +53,24 @@ def sidecar_path(directory: str, split: str) -> str:
   return os.path.join(directory, f'{split}.json')
 
 
-def has_split(directory: str | None, split: str = 'train') -> bool:
-  """Whether `directory` holds split `split` in this format."""
-  if not directory:
-    return False
-  path = sidecar_path(directory, split)
-  if not os.path.exists(path):
-    return False
+def sidecar_format(path: str) -> str | None:
+  """The `format` field of the JSON sidecar at `path`; None if unreadable.
+
+  Shared with vae/records.py, whose latent sidecars name another format.
+  """
+  if not os.path.isfile(path):
+    return None
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f).get('format') == FORMAT
-  except (OSError, ValueError):
-    return False
+      return json.load(f).get('format')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def has_split(directory: str | None, split: str = 'train') -> bool:
+  """Whether `directory` holds split `split` in this format."""
+  return bool(directory) and sidecar_format(
+      sidecar_path(directory, split)) == FORMAT
 
 
 def encode(x: np.ndarray, label: int, dtype: np.dtype) -> bytes:

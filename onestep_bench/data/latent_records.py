@@ -206,7 +206,7 @@ def open_splits(directory: str) -> dict[str, LatentRecordSource]:
 
 
 def loader_scale(config: ml_collections.ConfigDict,
-              train: LatentRecordSource) -> float:
+                 train: LatentRecordSource) -> float:
   """The multiplier the loader applies to records: 1 (they are scaled).
 
   Raises:
@@ -243,8 +243,7 @@ def refuse_device_path(directory: str) -> None:
   """The device path does not read records; raises a ConfigError saying so."""
   path = records.sidecar_path(directory, 'train')
   try:
-    with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
+    meta = records.read_sidecar(directory, 'train')
     size = (f'{meta["count"] * meta["record_bytes"] / 1e9:.3g} GB '
             'for train; ')
   except (OSError, ValueError, KeyError, TypeError):

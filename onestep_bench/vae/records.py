@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from onestep_bench.data import arrayrecord
+
 FORMAT = 'onestep_latents/v1'
 HEADER = (('label', '<i8'), ('index', '<i8'))
 HEADER_BYTES = 16
@@ -287,11 +289,4 @@ def has_split(directory: str, split: str) -> bool:
   Only the sidecar is checked (the shards: `shard_paths`); the harness's
   own ArrayRecord files (data/arrayrecord.py) use another format name.
   """
-  path = sidecar_path(directory, split)
-  if not os.path.isfile(path):
-    return False
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f).get('format') == FORMAT
-  except (OSError, ValueError, AttributeError):
-    return False
+  return arrayrecord.sidecar_format(sidecar_path(directory, split)) == FORMAT
