@@ -147,6 +147,8 @@ class Method(base.Method):
   sampling stays one forward pass.
   """
 
+  guidance_input = True  # see base.Method.guidance_input
+
   # Deng et al. eq. 5: the field at each generated sample is a softmax over
   # every sample of the batch, so a micro-batch's loss is not a part of it.
   grad_accum_refused = ('its drifting field couples every generated sample '
@@ -173,6 +175,7 @@ class Method(base.Method):
     if 'encoder' in feats and spec.kind != 'image':
       raise ValueError(f'config.method.features={feats!r} needs image data '
                        f'(got {spec.kind}); use features=pixels.')
+    self.feature_set = feats
     self.use_pixels = 'pixels' in feats
     self.use_encoder = 'encoder' in feats
     self.encoder = None  # set by `prepare`
@@ -220,6 +223,13 @@ class Method(base.Method):
                          'feature encoder.')
     # Frozen: stored (and checkpointed) with the run, never optimized.
     return {'encoder': jax.tree.map(jnp.asarray, self.encoder.params)}
+
+  def row_variant(self) -> str:
+    """Image rows name the feature set (`features=pixels` etc.); toy: ''.
+
+    Toy vectors only have the raw `global` key, so there is nothing to say.
+    """
+    return f'features={self.feature_set}' if self.spec.kind == 'image' else ''
 
   def features(self, extras, x: jax.Array) -> dict[str, jax.Array]:
     """Feature dict {key: [B, L, C]} the field is computed on (paper A.5).

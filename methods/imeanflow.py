@@ -161,6 +161,8 @@ def compound_velocity(u_fn: UFn, z: jax.Array, t: jax.Array, r: jax.Array,
 class Method(base.Method):
   """iMF with u_θ = the shared backbone (z, t | h = t - r, y, g = 1 - 1/ω)."""
 
+  guidance_input = True  # see base.Method.guidance_input
+
   supported_nfe = base.AnyNFE()  # the jump z_r = z_t - (t - r) u on any grid
 
   @classmethod

@@ -185,6 +185,8 @@ def mean_dims(a: jax.Array) -> jax.Array:
 class Method(base.Method):
   """TVM with the shared backbone F_θ(x, t, h = t - s, y[, g = 1/w])."""
 
+  guidance_input = True  # see base.Method.guidance_input
+
   supported_nfe = base.AnyNFE()  # the jump map works on any K-step grid
 
   @classmethod

@@ -151,7 +151,9 @@ def markdown(tables: Tables,
           mark += f' ⚠ regressed (seed {r["regressed"]})'
         cmd = str(r['command']).replace('|', '\\|')
         eff, train, params = _cost_cells(r)
-        out.append(f'| {r["method"]}{mark} | {r["nfe"]} | {eff} | '
+        name = r['method'] + (f' [{r["method_variant"]}]'
+                              if r.get('method_variant') else '')
+        out.append(f'| {name}{mark} | {r["nfe"]} | {eff} | '
                    f'{r["n_samples"]} | {r["n_seeds"]} | '
                    + ' | '.join(_cell(r, m) for m in shown)
                    + f' | {marks.get(id(r), "")} | {train} | {params} | '

@@ -214,8 +214,22 @@ def validate(config: ml_collections.ConfigDict, method: Any) -> None:
   from onestep_bench import curve  # pylint: disable=g-import-not-at-top
   curve.validate(config, None if isinstance(method, type)
                  else method.supported_nfe)
+  check_guidance_input(config, method)
   method.validate_config(config)
   check_grad_accum(config, method)
+
+
+def check_guidance_input(config: ml_collections.ConfigDict,
+                         method: Any) -> None:
+  """`model.guidance_embed=True` only for methods that pass g to it."""
+  if (config.model.get('guidance_embed', False)
+      and not getattr(method, 'guidance_input', False)):
+    raise ConfigError(
+        'model.guidance_embed', True,
+        f'needs a method that feeds the guidance input g; '
+        f'{config.method.name} never passes one (Method.guidance_input), so '
+        'the backbone built with it could not run (its CFG, if any, needs no '
+        'input)', '--config.model.guidance_embed=False')
 
 
 _TRAIN_REQUIRED = ('num_steps', 'batch_size', 'lr', 'b1', 'b2',

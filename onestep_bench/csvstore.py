@@ -4,7 +4,9 @@
 old content plus the new rows to a temp file in the same directory, fsyncs it
 and `os.replace`s it over the file: concurrent writers never lose or tear
 rows, and readers always see a complete file. A header that differs from the
-expected columns is refused (schemas are never mixed).
+expected columns is refused (schemas are never mixed), except a file whose
+columns are all among the expected ones: it is migrated in the same atomic
+rewrite (its rows get '' in the new columns; no value is dropped or moved).
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ def atomic_append(path: str, rows: list[dict[str, Any]],
                   columns: list[str]) -> None:
   """Appends `rows` to the CSV at `path`; safe under concurrent writers.
 
+  An existing file whose header is a proper subset of `columns` (a column
+  was added since it was written) is rewritten in `columns`' order first,
+  its old rows with '' in the new columns.
+
   Raises:
-    ValueError: the existing header differs from `columns`, or a row has a
-      key that is not a column.
+    ValueError: the existing header has a column not in `columns` or a
+      repeated one, or a row has a key that is not a column.
   """
   new = csv_text(rows, columns, header=False)  # Validate before locking.
   with locked(path):
@@ -85,6 +91,10 @@ def atomic_append(path: str, rows: list[dict[str, Any]],
         old = f.read()
     if old:
       header = next(csv.reader(io.StringIO(old)))
+      if (header != list(columns) and len(set(header)) == len(header)
+          and set(header) < set(columns)):
+        old = csv_text(csv.DictReader(io.StringIO(old)), columns)
+        header = list(columns)
       if header != list(columns):
         raise ValueError(
             f'{path} has columns {header}, expected {list(columns)}; refusing '

@@ -26,8 +26,9 @@ import numpy as np
 from scipy import stats
 
 RUN_COLUMNS = [
-    'timestamp', 'method', 'dataset', 'protocol', 'conditional', 'guidance',
-    'seed', 'eval', 'nfe', 'n_samples', 'feature_net', 'feature_weights',
+    'timestamp', 'method', 'method_variant', 'dataset', 'protocol',
+    'conditional', 'guidance', 'seed', 'eval', 'nfe', 'n_samples',
+    'feature_net', 'feature_weights',
     'ref_stats', 'eval_settings', 'metric', 'value', 'step', 'steps',
     'batch_size', 'examples_seen', 'params', 'reference_params',
     'train_wall_s', 'train_step_ms', 'train_step_flops', 'train_flops',
@@ -64,9 +65,12 @@ EFFECTIVE_NFE = 'effective_nfe'
 # Only `bench` and `tuned` rank; `+dirty` (uncommitted code) is listed apart.
 PROTOCOL_ORDER = ('bench', 'tuned', 'equal_budget', 'paper', 'bench+dirty',
                   'tuned+dirty', 'custom', 'ablation', 'smoke')
-_WIDE_ID = ('dataset', 'method', 'board', 'protocol', 'conditional',
-            'guidance', 'eval', 'nfe', 'n_samples', *FEATURE_SPACE,
-            'n_seeds', 'seeds')
+# `method_variant` (Method.row_variant, e.g. drifting's feature set) is
+# shown, not grouped on: a fixed protocol's rows share one config, and the
+# others are keyed by config hash.
+_WIDE_ID = ('dataset', 'method', 'method_variant', 'board', 'protocol',
+            'conditional', 'guidance', 'eval', 'nfe', 'n_samples',
+            *FEATURE_SPACE, 'n_seeds', 'seeds')
 _PER_RUN = ('ms_per_sample', 'flops_per_sample', 'train_wall_s',
             'train_step_ms', 'train_flops',
             'total_train_flops')  # Wide CSV: mean over seeds.
@@ -206,7 +210,8 @@ def aggregate(rows: Iterable[Mapping[str, str]]) -> Tables:
   tables: Tables = {ds: ([], list(ms)) for ds, ms in order.items()}
   for rs in groups.values():
     last = rs[-1]  # The most recently recorded row of the group.
-    row: dict[str, Any] = {c: last[c] for c in (*_WIDE_ID[:-2], *_WIDE_TAIL)}
+    row: dict[str, Any] = {c: last.get(c, '')  # '': file before a column
+                            for c in (*_WIDE_ID[:-2], *_WIDE_TAIL)}
     seeds = sorted({r['seed'] for r in rs}, key=lambda s: (len(s), s))
     row.update(n_seeds=len(seeds), seeds=' '.join(seeds),
                config_hash=' '.join(sorted({r['config_hash'] for r in rs})),

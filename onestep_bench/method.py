@@ -213,6 +213,11 @@ class Method:
   # micro-batch gradients is not the gradient of the global-batch loss;
   # `config_check` then refuses `train.grad_accum` > 1 before any compute.
   grad_accum_refused: str = ''
+  # True when the method passes the backbone's guidance input g (`apply`'s
+  # `g`: Drifting's α, TVM's 1/w, iMF's ω). Otherwise `config_check`
+  # refuses `model.guidance_embed=True` before any compute: the backbone
+  # would be built needing a g the method never passes.
+  guidance_input: bool = False
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -241,6 +246,18 @@ class Method:
     arrays `init_extras` then places in `TrainState.extras`. Default: none.
     """
     del dataset
+
+  def row_variant(self) -> str:
+    """What a result row must say beyond the method's name; '' for nothing.
+
+    For a config choice that changes what the method *is* on this data
+    (e.g. which feature set a field is computed on), as `key=value` pairs
+    joined by ';'. The harness records it in `summary.json` and runs.csv's
+    `method_variant` column, and LEADERBOARD.md shows it beside the method
+    (docs/contract.md). Rows of one fixed protocol share a config, so the
+    variant labels them and never splits them. Default: ''.
+    """
+    return ''
 
   def upstream_compute(self) -> dict[str, float | None]:
     """Training FLOPs of the runs this method's result depends on.

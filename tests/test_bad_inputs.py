@@ -55,6 +55,9 @@ BAD = {
     'seed=abc': ([FM + ',seed=abc'], r"config\.seed='abc'.*non-negative int"),
     'nfe=(1000000,)': (_fm('--config.evals.main.nfe=(1000000,)'),
                        r'config\.evals\.main\.nfe=\(1000000,\).*\[1, 1000\]'),
+    'guidance input the method never feeds': (
+        _fm('--config.model.guidance_embed=True'),
+        r'config\.model\.guidance_embed=True: needs a method that feeds'),
     'guidance the method ignores': (
         _fm('--config.evals.main.guidance=2.0'),
         r'config\.evals\.main\.guidance=2\.0'),

@@ -469,3 +469,15 @@ def test_images_encoder_features_unconditional(monkeypatch):
                       state.extras['encoder'],
                       jax.tree.map(jnp.asarray, method.encoder.params))
   assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize('dataset,features,want', [
+    ('digits', 'auto', 'features=pixels'),  # 'auto' resolves to pixels
+    ('digits', 'pixels+encoder', 'features=pixels+encoder'),
+    ('toy2d:8gaussians', 'pixels', ''),  # toy vectors: one raw key only
+])
+def test_row_variant_names_the_feature_set(dataset, features, want):
+  config = bench.get_config(f'method=drifting,dataset={dataset},smoke=True')
+  config.method.features = features
+  spec = data.build(config.data).spec
+  assert load_method(config, spec).row_variant() == want  # no prepare needed

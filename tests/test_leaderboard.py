@@ -131,6 +131,43 @@ def test_header_mismatch_raises(tmp_path):
   assert open(p).read() == 'a\n1\n'
 
 
+def test_added_column_migrates_old_file_and_old_writer_is_refused(tmp_path):
+  p = str(tmp_path / 'x.csv')
+  csvstore.atomic_append(p, [{'a': 1, 'c': 'x,y'}], ['a', 'c'])
+  csvstore.atomic_append(p, [{'a': 2, 'b': 'v', 'c': 'z'}], ['a', 'b', 'c'])
+  assert csvstore.read_csv(p) == [{'a': '1', 'b': '', 'c': 'x,y'},
+                                  {'a': '2', 'b': 'v', 'c': 'z'}]
+  with pytest.raises(ValueError, match='refusing to mix schemas'):
+    csvstore.atomic_append(p, [{'a': 3, 'c': 'w'}], ['a', 'c'])  # old code
+  assert len(csvstore.read_csv(p)) == 2
+
+
+def test_method_variant_labels_rows_without_splitting_seeds(tmp_path):
+  res = tmp_path / 'results'
+  for seed in (0, 1):
+    s = _summary(tmp_path, seed, 1.0 + seed)
+    s['method_variant'] = 'features=pixels'
+    results.record(s, str(res))
+  (row,) = _board(res)
+  assert row['method_variant'] == 'features=pixels' and row['n_seeds'] == '2'
+  md = (res / 'LEADERBOARD.md').read_text(encoding='utf-8')
+  assert '| method_a [features=pixels] | 1 |' in md
+
+
+def test_runs_csv_before_method_variant_still_aggregates(tmp_path):
+  res = tmp_path / 'results'
+  old_cols = [c for c in lb.RUN_COLUMNS if c != 'method_variant']
+  rows = lb.rows_from_summary(_summary(tmp_path, 0, 1.0))
+  csvstore.atomic_append(str(res / 'runs.csv'),
+                         [{c: r[c] for c in old_cols} for r in rows], old_cols)
+  results.rebuild(str(res))  # reads a file that lacks the column
+  assert _board(res)[0]['method_variant'] == ''
+  results.record(_summary(tmp_path, 1, 3.0), str(res))  # migrates it
+  (row,) = _board(res)
+  assert row['n_seeds'] == '2'
+  assert csvstore.read_csv(str(res / 'runs.csv'))[0]['method_variant'] == ''
+
+
 _COLS = ['worker', 'i', 'pad']
 _PAD = 'x' * 300 + ', "quoted", done'
 

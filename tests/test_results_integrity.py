@@ -219,7 +219,9 @@ def test_run_records_train_flops_curve_and_reevaluates(tmp_path):
 def test_conditional_cfg_end_to_end(method, tmp_path, cheap_classifier):
   """Conditional digits smoke run -> eval at guidance 1 and > 1 -> rows."""
   del cheap_classifier
-  kw = {'data.conditional': True, 'model.guidance_embed': True,
+  # TM's CFG is on the head velocity: no guidance input (Method.guidance_input)
+  kw = {'data.conditional': True,
+        'model.guidance_embed': method != 'transition_matching',
         'train.batch_size': 80, 'evals.main.n_samples': 100,
         'evals.main.batch_size': 100, 'evals.main.nfe': (1,),
         'evals.main.guidance': 1.0}
