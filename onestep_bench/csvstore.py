@@ -91,8 +91,7 @@ def atomic_append(path: str, rows: list[dict[str, Any]],
         old = f.read()
     if old:
       header = next(csv.reader(io.StringIO(old)))
-      if (header != list(columns) and len(set(header)) == len(header)
-          and set(header) < set(columns)):
+      if len(set(header)) == len(header) and set(header) < set(columns):
         old = csv_text(csv.DictReader(io.StringIO(old)), columns)
         header = list(columns)
       if header != list(columns):
