@@ -435,6 +435,7 @@ def plan_entry(entry: Entry, mfu: float, fit: bool, smoke: bool,
       row[f'fit[{name}]'] = fit_['verdict']
       for k in ('fsdp', 'grad_accum', 'peak_gib'):
         row[f'fit_{k}[{name}]'] = fit_[k]
+  row['git_sha'], row['jax'] = train.git_sha(), jax.__version__
   row['compile_s'] = round(tr['compile_s'] + sum(
       s['compile_s'] for s in samp.values()), 1)
   row['wall_s'] = round(time.perf_counter() - t0, 1)
@@ -460,7 +461,10 @@ def write(rows: list[dict[str, Any]], stem: str, mfu: float) -> None:
       'the XLA:CPU compiler\'s estimate** (`compiled.memory_analysis()`, '
       'per device, float32 unless the protocol sets bf16), not a GPU / TPU '
       'measurement. FLOPs count matmuls and convolutions on the jaxpr '
-      '(JVPs, teachers, critics included).', '',
+      '(JVPs, teachers, critics included). Code: '
+      + (', '.join(f'`{v}`' for v in sorted({str(r.get('git_sha') or '?')
+                                              for r in rows}))
+         or '?') + ' (column `git_sha`).', '',
       '| chip | bf16 dense peak | memory | source |', '|---|---|---|---|']
   lines += [f'| {n} | {c.peak / 1e12:.0f} TFLOP/s | {c.memory / GIB:.0f} GiB'
             f' | {c.cite} |' for n, c in CHIPS.items()]

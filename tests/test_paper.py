@@ -194,9 +194,14 @@ def test_plan_resume_keeps_only_rows_of_the_same_settings(tmp_path):
   from onestep_bench import plan  # pylint: disable=g-import-not-at-top
   stem = str(tmp_path / 'plan')
   assert plan.planned_rows(stem, 'a') == {}
-  rows = [{'protocol': 'fm/cifar10', 'params_m': 1.0, 'plan_settings': 'a'},
-          {'protocol': 'mf/cifar10', 'params_m': 2.0, 'plan_settings': 'b'}]
+  rows = [{'protocol': 'fm/cifar10', 'params_m': 1.0, 'plan_settings': 'a',
+           'git_sha': 'abc1234'},
+          {'protocol': 'mf/cifar10', 'params_m': 2.0, 'plan_settings': 'b',
+           'git_sha': 'def5678+dirty'}]
   plan.write(rows, stem, 0.4)
+  # plan.md names every code version its rows were compiled from.
+  md = (tmp_path / 'plan.md').read_text()
+  assert 'Code: `abc1234`, `def5678+dirty`' in md
   kept = plan.planned_rows(stem, 'a')
   assert list(kept) == ['fm/cifar10']
   assert kept['fm/cifar10']['params_m'] == '1.0'
@@ -215,6 +220,7 @@ def test_plan_compiles_smoke_protocols(tmp_path):
     assert r['params_m'] > 0 and r['train_tflop_per_step'] > 0, r
     assert r['peak_gib_per_device'] > 0 and r['sample_gflop_per_image_nfe1']
     assert r['mesh'] == 'data=8 x fsdp=1'
+    assert r['git_sha'] and r['jax'] == jax.__version__
   # FLOPs scale with NFE on an any-NFE sampler.
   mf = rows[1]
   assert mf['sample_gflop_per_image_nfe4'] == pytest.approx(
