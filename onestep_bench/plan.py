@@ -354,7 +354,10 @@ def fit_search(entry: Entry, config: ml_collections.ConfigDict, base: dict,
       k *= 2
     if found is None:
       last = mem(devices, tried)
-      verdict = (f'does not fit: grad_accum={k} refused ({why})' if why else
+      at = (f' (fsdp={devices}: {last / GIB:.1f} GiB)'
+            if isinstance(last, float) else '')
+      verdict = (f'does not fit{at}: grad_accum={k} refused ({why})' if why
+                 else
                  f'does not fit at fsdp={devices} + grad_accum={tried} '
                  f'(micro-batch {batch // tried}, {devices} devices'
                  + (f': {last / GIB:.1f} GiB)' if isinstance(last, float)
