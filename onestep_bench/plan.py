@@ -354,14 +354,14 @@ def fit_search(entry: Entry, config: ml_collections.ConfigDict, base: dict,
       k *= 2
     if found is None:
       last = mem(devices, tried)
-      at = (f' (fsdp={devices}: {last / GIB:.1f} GiB)'
-            if isinstance(last, float) else '')
-      verdict = (f'does not fit{at}: grad_accum={k} refused ({why})' if why
-                 else
-                 f'does not fit at fsdp={devices} + grad_accum={tried} '
-                 f'(micro-batch {batch // tried}, {devices} devices'
-                 + (f': {last / GIB:.1f} GiB)' if isinstance(last, float)
-                    else ')'))
+      gib = f'{last / GIB:.1f} GiB' if isinstance(last, float) else ''
+      if why:
+        at = f' (fsdp={devices}: {gib})' if gib else ''
+        verdict = f'does not fit{at}: grad_accum={k} refused ({why})'
+      else:
+        verdict = (f'does not fit at fsdp={devices} + grad_accum={tried} '
+                   f'(micro-batch {batch // tried}, {devices} devices'
+                   + (f': {gib})' if gib else ')'))
       out[name] = {'verdict': verdict, 'fsdp': '', 'grad_accum': '',
                    'peak_gib': ''}
       continue
@@ -456,6 +456,8 @@ def write(rows: list[dict[str, Any]], stem: str, mfu: float) -> None:
     w = csv.DictWriter(f, fieldnames=cols)
     w.writeheader()
     w.writerows(rows)
+  codes = ', '.join(f'`{v}`' for v in sorted(
+      {str(r.get('git_sha') or '?') for r in rows})) or '?'
   lines = [
       '# Paper-scale plan (`make plan`)', '',
       'Every protocol of `experiments/paper.py` compiled ahead of time on a '
@@ -464,10 +466,8 @@ def write(rows: list[dict[str, Any]], stem: str, mfu: float) -> None:
       'the XLA:CPU compiler\'s estimate** (`compiled.memory_analysis()`, '
       'per device, float32 unless the protocol sets bf16), not a GPU / TPU '
       'measurement. FLOPs count matmuls and convolutions on the jaxpr '
-      '(JVPs, teachers, critics included). Code: '
-      + (', '.join(f'`{v}`' for v in sorted({str(r.get('git_sha') or '?')
-                                              for r in rows}))
-         or '?') + ' (column `git_sha`).', '',
+      f'(JVPs, teachers, critics included). Code: {codes} (column '
+      '`git_sha`).', '',
       '| chip | bf16 dense peak | memory | source |', '|---|---|---|---|']
   lines += [f'| {n} | {c.peak / 1e12:.0f} TFLOP/s | {c.memory / GIB:.0f} GiB'
             f' | {c.cite} |' for n, c in CHIPS.items()]
