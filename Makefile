@@ -19,7 +19,7 @@ WORKDIR ?=
 GUIDANCE ?=
 NFE_FLAG = $(if $(NFE),--config.evals.main.nfe='($(NFE),)',)
 
-.PHONY: help install install-parity data bench eval bench-all sweep leaderboard perf plan test test-slow lint clean
+.PHONY: help install install-parity data bench eval bench-all sweep campaign campaign-status leaderboard perf plan test test-slow lint clean
 
 help:  ## Show this help.
 	@echo "onestep_bench: one-step generative models, benchmarked side by side."
@@ -104,6 +104,14 @@ sweep: install  ## Run sweeps SWEEP (comma list) of experiments/EXP.py.
 
 leaderboard: install  ## Regenerate results/leaderboard/*.csv, LEADERBOARD.md, plots.
 	$(PY) -m onestep_bench.results --results_dir results
+
+# The seeded boards as one declared step list (experiments/campaign.py);
+# state = results/, so it resumes anywhere. One `make campaign` per core.
+campaign: install data  ## Run the missing steps of the ranked boards [ARGS=--only=digits].
+	OPENBLAS_NUM_THREADS=1 $(PY) -m experiments.campaign run $(ARGS)
+
+campaign-status: install  ## What the ranked boards still need, in CPU-hours.
+	$(PY) -m experiments.campaign status $(ARGS)
 
 # Speed / memory ratios measured side by side (experiments/perf.py); pytorch-fid
 # is the evaluator's baseline. Subsets: ARGS="--sections=methods --backbones=unet".

@@ -31,6 +31,14 @@ Distillation methods (`TEACHER_METHOD`) get one teacher: the teacher
 method's bench run on the development set at the first trial seed. A trial
 whose training diverges (non-finite loss) or whose samples are not finite
 scores +inf (it loses); the procedure goes on.
+
+Trials are durable one by one: after each, the rows so far go to
+`<method>.partial.csv` (atomic), and a later call reuses every recorded row
+whose trial index, seed, overrides and config hash match the plan, so a
+procedure interrupted by the loss of its machine (run dirs, checkpoints and
+all) loses at most the trial in progress once the partial table is kept
+(committed). The teacher trains only if some trial still has to. The
+complete table replaces the partial one when the last trial is scored.
 """
 
 from __future__ import annotations
@@ -218,27 +226,44 @@ def tune(method: str, family: str, *, k: int | None = None,
       lambda x: validation_score(x, dataset))
   teacher = getattr(method_module(method), 'TEACHER_METHOD', None)
   extra: dict[str, Any] = {}
+  twd = ''
   if teacher:
     twd = os.path.join(runs_dir, teacher, dev_dir, 'teacher')
-    if not os.path.exists(os.path.join(twd, 'summary.json')):
-      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
-                                       spec.VAL_NFE, smoke, holdout), twd)
     extra['method.teacher_workdir'] = twd
   metric = 'fid' if image else 'sliced_w2'
-  rows = []
+  out_dir = os.path.join(results_dir, 'tuning', family)
+  partial = os.path.join(out_dir, f'{method}.partial.csv')
+  first = ['trial', 'seed', 'overrides', 'val_score']
+  recorded = _recorded_trials(partial)
+  rows: list[dict[str, Any]] = []
+
+  def save(path: str) -> None:
+    cols = first + sorted({c for r in rows for c in r} - set(first))
+    atomic_write(path, csv_text(rows, cols))
+
   for i, ov in enumerate(trials):
     seed = spec.TRIAL_SEED + i
     c = _config(method, dev, seed, {**extra, **ov}, spec.VAL_NFE, smoke,
                 holdout)
     supported = method_module(method).Method(c, dataset.spec).supported_nfe
     c.evals.main.nfe = tuple(n for n in spec.VAL_NFE if n in supported)
+    row = {'trial': i, 'seed': seed, 'overrides': json.dumps(ov),
+           'config_hash': train.config_hash(c)}
+    old = recorded.get(i)
+    if old is not None and all(str(old.get(k)) == str(v)
+                               for k, v in row.items()):
+      rows.append(old)  # scored in an earlier call: same plan, same config
+      continue
+    if teacher and not os.path.exists(os.path.join(twd, 'summary.json')):
+      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
+                                       spec.VAL_NFE, smoke, holdout), twd)
     wd = os.path.join(runs_dir, method, dev_dir, f'trial{i}')
-    row = {'trial': i, 'seed': seed, 'overrides': json.dumps(ov)}
     try:
       s = train.train_and_evaluate(c, wd)
     except train.NonFiniteError as e:  # diverged: loses, the others go on
       rows.append({**row, 'val_score': float('inf'), 'train_flops': None,
                    'git_sha': train.git_sha(), 'failed': str(e)[:200]})
+      save(partial)
       continue
     scores = {}
     for rec in s['evals']:
@@ -250,11 +275,11 @@ def tune(method: str, family: str, *, k: int | None = None,
                  **{f'val_{metric}_nfe{n}': v for n, v in scores.items()},
                  'train_flops': s['total_train_flops'],
                  'git_sha': s['git_sha']})
+    save(partial)
   best = min(rows, key=lambda r: (r['val_score'], r['trial']))
-  out_dir = os.path.join(results_dir, 'tuning', family)
-  first = ['trial', 'seed', 'overrides', 'val_score']
-  cols = first + sorted({c for r in rows for c in r} - set(first))
-  atomic_write(os.path.join(out_dir, f'{method}.csv'), csv_text(rows, cols))
+  save(os.path.join(out_dir, f'{method}.csv'))
+  if os.path.exists(partial):
+    os.remove(partial)
   nfes = list(spec.VAL_NFE)
   if image:
     h = dataset.holdout
@@ -270,12 +295,26 @@ def tune(method: str, family: str, *, k: int | None = None,
             'overrides': json.loads(best['overrides']),
             'trial': best['trial'], 'val_score': best['val_score'],
             'budget': {'trials': len(rows), 'train_flops': sum(
-                r['train_flops'] or 0.0 for r in rows)},
+                r.get('train_flops') or 0.0 for r in rows)},
             'validation': validation,
             **({'validation_measure': scorer.describe()} if image else {})}
   atomic_write(os.path.join(out_dir, f'{method}.json'),
                json.dumps(winner, indent=1, default=str) + '\n')
   return winner
+
+
+def _recorded_trials(path: str) -> dict[int, dict[str, Any]]:
+  """Rows of a partial trial table by trial index, scores as floats."""
+  from onestep_bench.csvstore import read_csv  # pylint: disable=g-import-not-at-top
+  out: dict[int, dict[str, Any]] = {}
+  for r in read_csv(path):
+    row: dict[str, Any] = {k: v for k, v in r.items() if v != ''}
+    for k in row:
+      if k == 'train_flops' or k.startswith('val_'):
+        row[k] = float(row[k])
+    row['trial'], row['seed'] = int(row['trial']), int(row['seed'])
+    out[row['trial']] = row
+  return out
 
 
 def tuned_overrides(method: str, family: str,

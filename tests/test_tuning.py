@@ -2,6 +2,8 @@
 validation measure independent of the reported one, table + winner."""
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -138,6 +140,60 @@ def test_tune_writes_table_and_winner(tmp_path):
     tuning.tuned_overrides('meanflow', 'toy2d', str(tmp_path / 'res'))
   with pytest.raises(ValueError, match="family 'images'"):
     tuning.tune('flow_matching', 'digits', k=1, smoke=True)
+
+
+def _fake_trainer(calls):
+  """train_and_evaluate stand-in: samples a pure function of the seed."""
+  from onestep_bench import train  # pylint: disable=g-import-not-at-top
+
+  def fake(c, wd, **kw):
+    del kw
+    calls.append(os.path.basename(wd))
+    if wd.endswith('trial1') and 'die' in calls:
+      raise KeyboardInterrupt  # the machine goes away mid-procedure
+    os.makedirs(wd, exist_ok=True)
+    evals = []
+    for n in c.evals.main.nfe:
+      x = np.random.default_rng(c.seed * 10 + n).normal(size=(256, 2))
+      np.savez(os.path.join(wd, f'samples_nfe{n}.npz'), x=x)
+      evals.append({'nfe': n, 'samples_file': f'samples_nfe{n}.npz'})
+    return {'evals': evals, 'total_train_flops': 1e9,
+            'git_sha': train.git_sha()}
+  return fake
+
+
+def test_tune_resumes_from_the_partial_table_after_losing_the_machine(
+    tmp_path, monkeypatch):
+  """A trial recorded in <method>.partial.csv is never retrained, even with
+  its run dir gone; a row whose config hash differs from the plan is."""
+  from onestep_bench import train  # pylint: disable=g-import-not-at-top
+  res, runs = str(tmp_path / 'res'), tmp_path / 'runs'
+  calls = ['die']
+  monkeypatch.setattr(train, 'train_and_evaluate', _fake_trainer(calls))
+  kw = dict(k=3, smoke=True, results_dir=res, runs_dir=str(runs))
+  with pytest.raises(KeyboardInterrupt):
+    tuning.tune('flow_matching', 'toy2d', **kw)
+  d = tmp_path / 'res' / 'tuning' / 'toy2d'
+  partial = d / 'flow_matching.partial.csv'
+  assert not (d / 'flow_matching.csv').exists()
+  kept = partial.read_text().splitlines()
+  assert len(kept) == 2 and 'config_hash' in kept[0]  # trial 0 only
+  shutil.rmtree(runs)  # run dirs and checkpoints lost with the machine
+  calls[:] = []
+  out = tuning.tune('flow_matching', 'toy2d', **kw)
+  assert calls == ['trial1', 'trial2'] and not partial.exists()
+  final = (d / 'flow_matching.csv').read_text().splitlines()
+  assert len(final) == 4 and final[1] == kept[1]  # trial 0 reused verbatim
+  assert out['budget'] == {'trials': 3, 'train_flops': 3e9}
+  # A recorded row of another config (its hash differs) is run again.
+  col = final[0].split(',').index('config_hash')
+  stale = final[1].split(',')
+  stale[col] = '000000000000'
+  partial.write_text('\n'.join([final[0], ','.join(stale)] + final[2:]))
+  calls[:] = []
+  again = tuning.tune('flow_matching', 'toy2d', **kw)
+  assert calls == ['trial0'] and again == out
+  assert (d / 'flow_matching.csv').read_text().splitlines() == final
 
 
 def _holdout_only(monkeypatch) -> list[str]:

@@ -1,0 +1,321 @@
+"""The ranked-board campaign as data: every step the seeded boards need.
+
+The boards rank methods over seeds 0, 1, 2 under two protocols (`bench` =
+papers' defaults, `tuned` = the declared procedure's winner,
+experiments/tuning.py). This module declares every step that fills them
+and runs the missing ones; its state is what `results/` holds, so a
+campaign interrupted anywhere (even by the loss of the machine with its
+run dirs) goes on from the committed results:
+
+  python -m experiments.campaign status             # done / missing, CPU-h
+  python -m experiments.campaign run [--only=digits] [--max_steps=N]
+
+  step                      done when
+  tune M on images          results/tuning/images/M.json exists
+  run M D seed S protocol   results/runs.csv has its `main` rows from
+                            committed code (git_sha without '+dirty')
+
+`run` takes the first missing step whose prerequisites hold (a `tuned` run
+needs its family's winner), claims it (an O_EXCL file under
+runs/campaign/claims, with the owner's pid, so several `run` processes,
+e.g. one per core, share the list without doing a step twice), and runs
+it as a subprocess of the normal CLI (`onestep_bench.main`,
+`onestep_bench.tuning`), logging to runs/campaign/logs/. A distillation
+student (`TEACHER_METHOD`) first gets its teacher's bench run dir back if
+it is gone: the teacher is retrained (deterministic; its rows are
+recorded again and the board keeps the newest). Tuning runs on
+the images family only; the toy family's winners are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from onestep_bench.csvstore import read_csv
+from onestep_bench.method import available_methods, method_module
+
+SEEDS = (0, 1, 2)
+TOY = ('toy2d:8gaussians', 'toy2d:8gaussians_imbalanced',
+       'toy2d:checkerboard')
+BOTH = ('bench', 'tuned')
+# (datasets, protocols): the issue-17 boards.
+BOARDS = ((TOY, BOTH), (('digits',), BOTH), (('fashion_mnist',), ('bench',)))
+TUNE_FAMILY = 'images'
+CLAIMS = os.path.join('runs', 'campaign', 'claims')
+LOGS = os.path.join('runs', 'campaign', 'logs')
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One campaign step: `tune` (dataset = the family) or `run`."""
+  kind: str
+  method: str
+  dataset: str
+  seed: int = 0
+  protocol: str = 'bench'
+
+  @property
+  def name(self) -> str:
+    """Unique, file-name safe (claims and logs are named by it)."""
+    if self.kind == 'tune':
+      return f'tune_{self.method}_{self.dataset}'
+    return (f'{self.method}_{self.dataset.replace(":", "_")}_'
+            f'{self.protocol}_seed{self.seed}')
+
+  def command(self, results_dir: str) -> list[str]:
+    """The CLI call that performs the step."""
+    if self.kind == 'tune':
+      return [sys.executable, '-m', 'onestep_bench.tuning',
+              f'--method={self.method}', f'--family={self.dataset}',
+              f'--results_dir={results_dir}']
+    cfg = (f'experiments/bench.py:method={self.method},dataset='
+           f'{self.dataset},seed={self.seed}')
+    if self.protocol != 'bench':
+      cfg += f',protocol={self.protocol}'
+    return [sys.executable, '-m', 'onestep_bench.main', f'--config={cfg}',
+            f'--results_dir={results_dir}']
+
+
+def teacher_of(method: str) -> str | None:
+  """The method's declared teacher (`TEACHER_METHOD`), if any."""
+  return getattr(method_module(method), 'TEACHER_METHOD', None)
+
+
+def steps(methods: Sequence[str] | None = None) -> list[Step]:
+  """Every step, in run order.
+
+  Teachers come before students (per dataset and seed) and the images
+  tuning before the image runs that need it.
+  """
+  ms = sorted(methods or available_methods(),
+              key=lambda m: (teacher_of(m) is not None, m))
+  out = [Step('tune', m, TUNE_FAMILY) for m in ms]
+  for datasets, protocols in BOARDS:
+    for ds in datasets:
+      for seed in SEEDS:
+        for p in protocols:
+          out += [Step('run', m, ds, seed, p) for m in ms]
+  return out
+
+
+def _done_runs(results_dir: str) -> set[tuple[str, str, int, str]]:
+  return {(r['method'], r['dataset'], int(r['seed']), r['protocol'])
+          for r in read_csv(os.path.join(results_dir, 'runs.csv'))
+          if r['eval'] == 'main' and not r['git_sha'].endswith('+dirty')}
+
+
+def is_done(step: Step, results_dir: str,
+            done_runs: set[tuple[str, str, int, str]]) -> bool:
+  """Whether `results_dir` holds the step's result (`_done_runs` rows)."""
+  if step.kind == 'tune':
+    return os.path.exists(os.path.join(results_dir, 'tuning', step.dataset,
+                                       f'{step.method}.json'))
+  return (step.method, step.dataset, step.seed, step.protocol) in done_runs
+
+
+def ready(step: Step, results_dir: str) -> bool:
+  """Prerequisites: a `tuned` image run needs the images winner."""
+  if step.kind == 'run' and step.protocol == 'tuned' and \
+      not step.dataset.startswith('toy2d'):
+    return is_done(Step('tune', step.method, TUNE_FAMILY), results_dir,
+                   set())
+  return True
+
+
+def missing(results_dir: str = 'results', only: str = '',
+            methods: Sequence[str] | None = None) -> list[Step]:
+  """The steps not done, in run order (`only`: a name substring)."""
+  done = _done_runs(results_dir)
+  return [s for s in steps(methods) if not is_done(s, results_dir, done)
+          and (not only or only in s.name)]
+
+
+# CPU seconds of one FM bench run where no row of the dataset is committed
+# yet (experiments/bench.py: digits ~7 min, Fashion-MNIST ~15 min, 2 cores).
+DECLARED_S = {'digits': 420.0, 'fashion_mnist': 900.0}
+
+
+def estimate_s(step: Step, results_dir: str = 'results') -> float:
+  """CPU seconds of a step, from the committed rows' `train_wall_s`.
+
+  The method's median on the dataset; else the dataset's declared FM
+  time times the method's cost relative to FM on the datasets both ran.
+  Tuning = K runs on the dev set.
+  """
+  from experiments import tuning as spec  # pylint: disable=g-import-not-at-top
+  wall: dict[tuple[str, str], list[float]] = {}
+  for r in read_csv(os.path.join(results_dir, 'runs.csv')):
+    if r['eval'] == 'main' and r['train_wall_s']:
+      wall.setdefault((r['method'], r['dataset']), []).append(
+          float(r['train_wall_s']))
+  ds = spec.DEV_SETS[step.dataset] if step.kind == 'tune' else step.dataset
+  k = spec.K_TRIALS if step.kind == 'tune' else 1
+  if (step.method, ds) in wall:
+    return k * statistics.median(wall[step.method, ds])
+  ratios = [statistics.median(v) / statistics.median(wall[
+      'flow_matching', d]) for (m, d), v in wall.items()
+            if m == step.method and ('flow_matching', d) in wall]
+  fm = (statistics.median(wall['flow_matching', ds])
+        if ('flow_matching', ds) in wall else DECLARED_S.get(ds, 0.0))
+  return k * fm * (statistics.median(ratios) if ratios else 1.0)
+
+
+def claim(step: Step) -> bool:
+  """Takes the step for this process; False if a live process holds it.
+
+  O_EXCL creation decides between racing processes; a claim whose owner
+  is dead (killed, or gone with its machine) is removed and retaken.
+  """
+  os.makedirs(CLAIMS, exist_ok=True)
+  path = os.path.join(CLAIMS, step.name)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      if _owner_alive(path):
+        return False
+      try:
+        os.remove(path)
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, 'w') as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
+
+
+def release(step: Step) -> None:
+  """Drops this process's claim of the step."""
+  try:
+    os.remove(os.path.join(CLAIMS, step.name))
+  except FileNotFoundError:
+    pass
+
+
+def _owner_alive(path: str) -> bool:
+  try:
+    with open(path, encoding='utf-8') as f:
+      pid = int(f.read() or 0)
+    if pid <= 0:
+      return False
+    os.kill(pid, 0)
+  except (FileNotFoundError, ValueError, ProcessLookupError):
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def _execute(step: Step, results_dir: str) -> int:
+  os.makedirs(LOGS, exist_ok=True)
+  with open(os.path.join(LOGS, f'{step.name}.log'), 'a',
+            encoding='utf-8') as log:
+    return subprocess.call(step.command(results_dir), stdout=log,
+                           stderr=subprocess.STDOUT)
+
+
+def _teacher_step(step: Step) -> Step | None:
+  """The teacher's bench run, if the student needs it and its dir is gone."""
+  from onestep_bench import runs  # pylint: disable=g-import-not-at-top
+  teacher = teacher_of(step.method) if step.kind == 'run' else None
+  if teacher is None:
+    return None
+  wd = runs.default_workdir(teacher, step.dataset, step.seed)
+  if os.path.exists(os.path.join(wd, 'summary.json')):
+    return None
+  return Step('run', teacher, step.dataset, step.seed, 'bench')
+
+
+def _take(todo: Sequence[Step], results_dir: str
+          ) -> tuple[Step, Step | None] | None:
+  """Claims the first free step (and its teacher, if it must be retrained)."""
+  for step in todo:
+    if not claim(step):
+      continue
+    if is_done(step, results_dir, _done_runs(results_dir)):
+      release(step)  # another process finished it since `todo` was read
+      continue
+    teacher = _teacher_step(step)
+    if teacher and not claim(teacher):
+      release(step)  # its teacher is being trained elsewhere
+      continue
+    return step, teacher
+  return None
+
+
+def run(results_dir: str = 'results', only: str = '',
+        max_steps: int | None = None, execute=_execute,
+        wait_s: float = 60.0,
+        methods: Sequence[str] | None = None) -> list[str]:
+  """Runs missing steps until none is left (or `max_steps`).
+
+  Returns the names it ran. A failed step is reported and not retried by
+  this call; while only steps held by other processes are left, it waits.
+  """
+  ran: list[str] = []
+  failed: set[str] = set()
+  while max_steps is None or len(ran) < max_steps:
+    todo = [s for s in missing(results_dir, only, methods)
+            if s.name not in failed
+            and ready(s, results_dir)]
+    if not todo:
+      break
+    taken = _take(todo, results_dir)
+    if taken is None:  # all held elsewhere (or their teachers are)
+      time.sleep(wait_s)
+      continue
+    step, teacher = taken
+    for s in ([teacher] if teacher else []) + [step]:
+      print(f'campaign: {s.name}', flush=True)
+      rc = execute(s, results_dir)
+      ran.append(s.name)
+      if rc:
+        print(f'campaign: {s.name} failed (rc {rc}); see '
+              f'{LOGS}/{s.name}.log', flush=True)
+        failed.add(step.name)
+        break
+    for s in ([teacher] if teacher else []) + [step]:
+      release(s)
+  return ran
+
+
+def status(results_dir: str = 'results', only: str = '') -> str:
+  """What is left, with the CPU-hour estimate per board."""
+  todo = missing(results_dir, only)
+  by: dict[str, list[float]] = {}
+  for s in todo:
+    key = 'tune images' if s.kind == 'tune' else f'{s.dataset} {s.protocol}'
+    by.setdefault(key, []).append(estimate_s(s, results_dir))
+  lines = [f'{len(steps()) - len(todo)} of {len(steps())} steps done; '
+           f'{len(todo)} missing, about '
+           f'{sum(map(sum, by.values())) / 3600:.1f} CPU-h:']
+  lines += [f'  {k:<36} {len(v):>3} steps  {sum(v) / 3600:5.1f} h'
+            for k, v in by.items()]
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI (see the module docstring)."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('action', choices=('status', 'run'))
+  p.add_argument('--results_dir', default='results')
+  p.add_argument('--only', default='',
+                 help='substring of step names, e.g. digits, tune, seed2')
+  p.add_argument('--max_steps', type=int, default=None)
+  a = p.parse_args(argv)
+  if a.action == 'status':
+    print(status(a.results_dir, a.only))
+  else:
+    run(a.results_dir, a.only, a.max_steps)
+
+
+if __name__ == '__main__':
+  main()
