@@ -9,6 +9,7 @@ run dirs) goes on from the committed results:
 
   python -m experiments.campaign status             # done / missing, CPU-h
   python -m experiments.campaign run [--only=digits] [--max_steps=N]
+                                    [--hours=H]   # time this machine has left
 
   step                      done when
   tune M on images          results/tuning/images/M.json exists
@@ -254,18 +255,31 @@ def _take(todo: Sequence[Step], results_dir: str
 def run(results_dir: str = 'results', only: str = '',
         max_steps: int | None = None, execute=_execute,
         wait_s: float = 60.0,
-        methods: Sequence[str] | None = None) -> list[str]:
+        methods: Sequence[str] | None = None,
+        hours: float | None = None) -> list[str]:
   """Runs missing steps until none is left (or `max_steps`).
 
   Returns the names it ran. A failed step is reported and not retried by
   this call; while only steps held by other processes are left, it waits.
+  `hours`: the time this machine has left; a step is started only if its
+  estimate (`estimate_s`, for tuning one trial, as trials are durable)
+  fits what remains, so no CPU goes to a step lost unfinished.
   """
+  from experiments.tuning import K_TRIALS  # pylint: disable=g-import-not-at-top
+  deadline = None if hours is None else time.time() + 3600 * hours
+
+  def fits(s: Step) -> bool:
+    if deadline is None:
+      return True
+    est = estimate_s(s, results_dir) / (K_TRIALS if s.kind == 'tune' else 1)
+    return time.time() + est <= deadline
+
   ran: list[str] = []
   failed: set[str] = set()
   while max_steps is None or len(ran) < max_steps:
     todo = [s for s in missing(results_dir, only, methods)
             if s.name not in failed
-            and ready(s, results_dir)]
+            and ready(s, results_dir) and fits(s)]
     if not todo:
       break
     taken = _take(todo, results_dir)
@@ -310,11 +324,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument('--only', default='',
                  help='substring of step names, e.g. digits, tune, seed2')
   p.add_argument('--max_steps', type=int, default=None)
+  p.add_argument('--hours', type=float, default=None,
+                 help='time left on this machine: start only steps that fit')
   a = p.parse_args(argv)
   if a.action == 'status':
     print(status(a.results_dir, a.only))
   else:
-    run(a.results_dir, a.only, a.max_steps)
+    run(a.results_dir, a.only, a.max_steps, hours=a.hours)
 
 
 if __name__ == '__main__':

@@ -139,3 +139,22 @@ def test_a_failed_step_is_reported_and_not_retried(tmp_path, monkeypatch,
 def test_steps_call_the_normal_cli(step, argv):
   cmd = step.command('R')
   assert cmd[1:len(argv) + 1] == argv and cmd[-1] == '--results_dir=R'
+
+
+def test_hours_starts_only_steps_that_fit(tmp_path, monkeypatch):
+  """With 1 h left a 2 h run is not started; a 1 h tuning (8 short,
+  durable trials) is."""
+  monkeypatch.chdir(tmp_path)
+  _write_rows(tmp_path, [
+      ('flow_matching', 'fashion_mnist', 0, 'bench', 'main', 'a1', '7200'),
+      ('flow_matching', 'digits', 0, 'bench', 'main', 'a1', '450')])
+  ran = campaign.run(str(tmp_path), execute=lambda s, r: 0, hours=1.0,
+                     methods=['flow_matching'], max_steps=1)
+  assert ran == ['tune_flow_matching_images']
+  ran = campaign.run(str(tmp_path), only='fashion_mnist', hours=1.0,
+                     execute=lambda s, r: 0, methods=['flow_matching'])
+  assert ran == []
+  ran = campaign.run(str(tmp_path), only='fashion_mnist', hours=2.5,
+                     execute=lambda s, r: 0, methods=['flow_matching'],
+                     max_steps=1)
+  assert ran == ['flow_matching_fashion_mnist_bench_seed1']
