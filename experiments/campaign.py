@@ -2,10 +2,11 @@
 
 The boards rank methods over seeds 0, 1, 2 under two protocols (`bench` =
 papers' defaults, `tuned` = the declared procedure's winner,
-experiments/tuning.py). This module declares every step that fills them
-and runs the missing ones; its state is what `results/` holds, so a
-campaign interrupted anywhere (even by the loss of the machine with its
-run dirs) goes on from the committed results:
+experiments/tuning.py): toy sets and digits under both, the peer toy
+sets and Fashion-MNIST under `bench`. This module declares every step that
+fills them and runs the missing ones; its state is what `results/` holds,
+so a campaign interrupted anywhere (even by the loss of the machine with
+its run dirs) goes on from the committed results:
 
   python -m experiments.campaign status             # done / missing, CPU-h
   python -m experiments.campaign run [--only=digits] [--max_steps=N]
@@ -45,9 +46,13 @@ from onestep_bench.method import available_methods, method_module
 SEEDS = (0, 1, 2)
 TOY = ('toy2d:8gaussians', 'toy2d:8gaussians_imbalanced',
        'toy2d:checkerboard')
+# The peer-comparable toy sets (data/toy2d.py: torchcfm's 8 Gaussians,
+# the Drifting demo's checkerboard): bench only, as the peers run defaults.
+PEER_TOY = ('toy2d:8gaussians_torchcfm', 'toy2d:checkerboard_drifting')
 BOTH = ('bench', 'tuned')
-# (datasets, protocols): the issue-17 boards.
-BOARDS = ((TOY, BOTH), (('digits',), BOTH), (('fashion_mnist',), ('bench',)))
+# (datasets, protocols): the seeded boards.
+BOARDS = ((TOY, BOTH), (PEER_TOY, ('bench',)), (('digits',), BOTH),
+          (('fashion_mnist',), ('bench',)))
 TUNE_FAMILY = 'images'
 CLAIMS = os.path.join('runs', 'campaign', 'claims')
 LOGS = os.path.join('runs', 'campaign', 'logs')

@@ -29,8 +29,9 @@ def test_steps_cover_every_board_teachers_first_and_are_unique():
   n = len(campaign.available_methods())
   assert len({s.name for s in all_steps}) == len(all_steps)
   runs = [s for s in all_steps if s.kind == 'run']
-  # toy: 3 sets x 3 seeds x 2 protocols; digits 3 x 2; fashion 3 x bench
-  assert len(runs) == n * (3 * 3 * 2 + 3 * 2 + 3)
+  # toy: 3 sets x 3 seeds x 2 protocols; peer toy 2 x 3 x bench;
+  # digits 3 x 2; fashion 3 x bench
+  assert len(runs) == n * (3 * 3 * 2 + 2 * 3 + 3 * 2 + 3)
   assert [s.kind for s in all_steps[:n]] == ['tune'] * n
   for i, s in enumerate(runs):
     t = campaign.teacher_of(s.method)
