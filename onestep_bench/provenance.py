@@ -58,7 +58,7 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   mc = d.get('method') or {}
   own = re.compile(rf'_seed{int(config.get("seed", 0))}/*$')
   for k, v in mc.items():
-    if k.endswith('_workdir') and isinstance(v, str) and own.search(v):
+    if k.endswith('_workdir') and isinstance(v, str):
       mc[k] = own.sub('_seed<own>', v)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str)
                         .encode()).hexdigest()[:12]
