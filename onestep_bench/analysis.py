@@ -262,6 +262,7 @@ def _caveats(head: Mapping[tuple[str, str], tuple[list[Row], str]]
     out.append('- **Regressed during training** (final score > 2× the best '
                'in-training score; the final number is reported): '
                + ', '.join(reg) + '.')
+  out += _below_floor(head)
   datasets = sorted({ds for ds, _ in head})
   no_tuned = [ds for ds in datasets if (ds, 'tuned') not in head]
   if no_tuned:
@@ -272,6 +273,33 @@ def _caveats(head: Mapping[tuple[str, str], tuple[list[Row], str]]
              'numbers are not reproduced here (see docs/reproducing.md for '
              'the paper-scale protocols).')
   return [*out, '']
+
+
+def _below_floor(head: Mapping[tuple[str, str], tuple[list[Row], str]]
+                 ) -> list[str]:
+  """Rows whose ranked score beats its floor (a perfect sampler's score).
+
+  The floor is the same statistic for real data at the row's sample count:
+  a fresh exact sample (toy) or the held-out split against the reference
+  (images, evaluators/dataset_reference.py). A held-out split smaller than
+  the count is resampled with replacement (digits: 360 test images for 10k
+  samples), which over-estimates the floor; a score below it says that, or
+  that samples sit closer to the reference (train) split than real held-out
+  data does (memorization), never that the method beats real data.
+  """
+  low = sorted({f'{r["method"]} on {ds} ({proto}, NFE {r["nfe"]}: '
+                f'{_f(r[f"{m}_mean"]):.4g} < {_f(r[f"{m}_floor_mean"]):.4g})'
+                for (ds, proto), (rows, m) in head.items() for r in rows
+                if arrow(m) == '↓' and r.get(f'{m}_floor_mean') not in
+                ('', None) and _f(r[f'{m}_mean']) < _f(r[f'{m}_floor_mean'])})
+  if not low:
+    return []
+  return ['- **Scores below their floor** (the metric of real data at the '
+          'same sample count: a fresh exact sample on toy sets, the held-out '
+          'split on images, resampled with replacement when it is smaller '
+          'than the count, which over-estimates the floor; on images a score '
+          'below it can also mean samples closer to the train reference than '
+          'held-out data, i.e. memorization): ' + ', '.join(low) + '.']
 
 
 def markdown(tables: Tables, recs: Sequence[Mapping[str, Any]],

@@ -96,3 +96,19 @@ def test_rebuild_writes_analysis(tmp_path):
   assert str(res / 'ANALYSIS.md') in written
   assert 'defaults (trial 0)' in text and '## Who wins where' in text
   assert len(read_csv(str(res / 'runs.csv'))) == len(rows)
+
+
+def test_caveat_lists_scores_below_their_floor():
+  """A ranked score under its floor is flagged with both numbers; one above
+  it is not (the floor over-estimates on resampled held-out splits)."""
+  runs = [_summary('a', s, v) for s, v in enumerate((0.10, 0.11, 0.09))]
+  runs += [_summary('e', s, v) for s, v in enumerate((0.03, 0.04, 0.05))]
+  for r in runs:
+    r['evals'][0]['metrics']['sliced_w2_floor'] = 0.06
+  md = analysis.markdown(_tables(runs), [], [])
+  line = next(x for x in md.splitlines() if 'Scores below their floor' in x)
+  assert 'e on toy2d:8gaussians (bench, NFE 1: 0.04 < 0.06)' in line
+  assert 'a on' not in line
+  assert 'Scores below their floor' not in analysis.markdown(
+      _tables(runs[:3]), [], [])
+

@@ -96,8 +96,10 @@ def fid_floor(dataset: ImageArrays, extractor: Any, ref: dict[str, Any],
   """FID of `n` real held-out images against the reference (the floor).
 
   What a perfect generator would score at this sample count: `n` images of
-  the held-out split, drawn with replacement when the split is smaller (the
-  duplicates make it a slight over-estimate). None without a held-out split
+  the held-out split, drawn with replacement when the split is smaller. The
+  duplicates make it an over-estimate that grows with n / split size (digits:
+  360 test images for 10k samples, so a generator can score below it; the
+  analysis lists such rows). None without a held-out split
   and for an ADM reference batch (not drawn from this dataset's splits).
   """
   if 'split' not in ref['key']:
