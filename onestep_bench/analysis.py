@@ -290,8 +290,8 @@ def _below_floor(head: Mapping[tuple[str, str], tuple[list[Row], str]]
   low = sorted({f'{r["method"]} on {ds} ({proto}, NFE {r["nfe"]}: '
                 f'{_f(r[f"{m}_mean"]):.4g} < {_f(r[f"{m}_floor_mean"]):.4g})'
                 for (ds, proto), (rows, m) in head.items() for r in rows
-                if arrow(m) == '↓' and r.get(f'{m}_floor_mean') not in
-                ('', None) and _f(r[f'{m}_mean']) < _f(r[f'{m}_floor_mean'])})
+                if arrow(m) == '↓'  # a missing floor is nan: never below
+                and _f(r[f'{m}_mean']) < _f(r.get(f'{m}_floor_mean'))})
   if not low:
     return []
   return ['- **Scores below their floor** (the metric of real data at the '

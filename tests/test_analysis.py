@@ -111,4 +111,3 @@ def test_caveat_lists_scores_below_their_floor():
   assert 'a on' not in line
   assert 'Scores below their floor' not in analysis.markdown(
       _tables(runs[:3]), [], [])
-
