@@ -37,8 +37,10 @@ Trials are durable one by one: after each, the rows so far go to
 whose trial index, seed, overrides and config hash match the plan, so a
 procedure interrupted by the loss of its machine (run dirs, checkpoints and
 all) loses at most the trial in progress once the partial table is kept
-(committed). The teacher trains only if some trial still has to. The
-complete table replaces the partial one when the last trial is scored.
+(committed). A lost teacher run dir is retrained (deterministic) before
+the first trial is planned, even when every trial is recorded: the
+student's config validation loads its teacher. The complete table
+replaces the partial one when the last trial is scored.
 """
 
 from __future__ import annotations
@@ -245,6 +247,10 @@ def tune(method: str, family: str, *, k: int | None = None,
     seed = spec.TRIAL_SEED + i
     c = _config(method, dev, seed, {**extra, **ov}, spec.VAL_NFE, smoke,
                 holdout)
+    if teacher and not os.path.exists(os.path.join(twd, 'summary.json')):
+      # Before the student is built: its config validation loads the teacher.
+      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
+                                       spec.VAL_NFE, smoke, holdout), twd)
     supported = method_module(method).Method(c, dataset.spec).supported_nfe
     c.evals.main.nfe = tuple(n for n in spec.VAL_NFE if n in supported)
     row = {'trial': i, 'seed': seed, 'overrides': json.dumps(ov),
@@ -254,9 +260,6 @@ def tune(method: str, family: str, *, k: int | None = None,
                                for k, v in row.items()):
       rows.append(old)  # scored in an earlier call: same plan, same config
       continue
-    if teacher and not os.path.exists(os.path.join(twd, 'summary.json')):
-      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
-                                       spec.VAL_NFE, smoke, holdout), twd)
     wd = os.path.join(runs_dir, method, dev_dir, f'trial{i}')
     try:
       s = train.train_and_evaluate(c, wd)

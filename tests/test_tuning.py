@@ -196,6 +196,30 @@ def test_tune_resumes_from_the_partial_table_after_losing_the_machine(
   assert (d / 'flow_matching.csv').read_text().splitlines() == final
 
 
+def test_student_tuning_trains_its_lost_teacher_before_building_trials(
+    tmp_path, monkeypatch):
+  """A distillation student's Method loads its teacher when built, so a
+  teacher run dir lost with the machine is retrained first (the images
+  campaign failed here once). The teacher trains for real (smoke); the
+  student's trials are faked."""
+  from onestep_bench import train  # pylint: disable=g-import-not-at-top
+  real, calls = train.train_and_evaluate, []
+  fake = _fake_trainer(calls)
+
+  def trainer(c, wd, **kw):
+    if wd.endswith('teacher'):
+      calls.append('teacher')
+      return real(c, wd, **kw)
+    return fake(c, wd, **kw)
+  monkeypatch.setattr(train, 'train_and_evaluate', trainer)
+  out = tuning.tune('f_distill', 'toy2d', k=1, smoke=True,
+                    results_dir=str(tmp_path / 'res'),
+                    runs_dir=str(tmp_path / 'runs'))
+  assert calls == ['teacher', 'trial0'] and out['budget']['trials'] == 1
+  twd = tmp_path / 'runs' / 'flow_matching'
+  assert list(twd.glob('*/teacher/summary.json'))
+
+
 def _holdout_only(monkeypatch) -> list[str]:
   """Reference builders refuse any split but 'validation'; returns the log
   of every split read through `ImageArrays.split_images`. Also gives the
