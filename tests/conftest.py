@@ -9,6 +9,16 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'ONESTEP_CACHE' not in os.environ:
   import tempfile  # pylint: disable=g-import-not-at-top
   os.environ['ONESTEP_CACHE'] = tempfile.mkdtemp(prefix='onestep_cache_')
+# One XLA compilation cache per test session, shared by the xdist workers
+# and the CLI subprocesses: tests build the same programs (a smoke U-Net's
+# init compiles for ~25 s on one core) from new module instances, which jit
+# alone would compile again. A cache hit is the identical executable, so no
+# result changes; only compile time goes.
+_JAX_CACHE = {'JAX_COMPILATION_CACHE_DIR': os.path.join(
+                  os.environ['ONESTEP_CACHE'], 'xla'),
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
+for _k, _v in _JAX_CACHE.items():
+  os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
 
@@ -103,8 +113,9 @@ def count_dots(jaxpr) -> int:
 
 def cli_env(devices: int = 1, **extra) -> dict[str, str]:
   """Environment of a CLI subprocess: CPU, `devices` fake devices, no JAX_*
-  inherited from the test process."""
+  inherited from the test process but the session's compilation cache."""
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update({k: os.environ[k] for k in _JAX_CACHE})
   env.update(JAX_PLATFORMS='cpu', ONESTEP_TRACEBACK='1',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              **extra)
