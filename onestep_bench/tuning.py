@@ -228,10 +228,13 @@ def tune(method: str, family: str, *, k: int | None = None,
       lambda x: validation_score(x, dataset))
   teacher = getattr(method_module(method), 'TEACHER_METHOD', None)
   extra: dict[str, Any] = {}
-  twd = ''
   if teacher:
     twd = os.path.join(runs_dir, teacher, dev_dir, 'teacher')
     extra['method.teacher_workdir'] = twd
+    if not os.path.exists(os.path.join(twd, 'summary.json')):
+      # Before any trial is planned: the student's config validation loads it.
+      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
+                                       spec.VAL_NFE, smoke, holdout), twd)
   metric = 'fid' if image else 'sliced_w2'
   out_dir = os.path.join(results_dir, 'tuning', family)
   partial = os.path.join(out_dir, f'{method}.partial.csv')
@@ -247,10 +250,6 @@ def tune(method: str, family: str, *, k: int | None = None,
     seed = spec.TRIAL_SEED + i
     c = _config(method, dev, seed, {**extra, **ov}, spec.VAL_NFE, smoke,
                 holdout)
-    if teacher and not os.path.exists(os.path.join(twd, 'summary.json')):
-      # Before the student is built: its config validation loads the teacher.
-      train.train_and_evaluate(_config(teacher, dev, spec.TRIAL_SEED, {},
-                                       spec.VAL_NFE, smoke, holdout), twd)
     supported = method_module(method).Method(c, dataset.spec).supported_nfe
     c.evals.main.nfe = tuple(n for n in spec.VAL_NFE if n in supported)
     row = {'trial': i, 'seed': seed, 'overrides': json.dumps(ov),
