@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ('--config=experiments/bench.py:method={m},dataset=toy2d:8gaussians,'
@@ -195,7 +196,7 @@ json.dump(out, open(out_path, 'w'))
 
 
 def _env() -> dict[str, str]:
-  return {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  return {**os.environ, 'XLA_FLAGS': xla_flags(1), 'JAX_PLATFORMS': 'cpu'}
 
 
 def _dirs(base: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:

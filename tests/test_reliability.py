@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import final_state, smoke_config
+from conftest import final_state, smoke_config, xla_flags
 
 from onestep_bench import checkpoint, train
 
@@ -31,7 +31,7 @@ def _cli(args, *, env=None, timeout=300, wait=True, log=None):
   With wait=False the output goes to the file `log` (a pipe nobody reads
   would fill up and block the child).
   """
-  full_env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu',
+  full_env = {**os.environ, 'XLA_FLAGS': xla_flags(1), 'JAX_PLATFORMS': 'cpu',
               **(env or {})}
   cmd = [sys.executable, '-m', 'onestep_bench.main', *args]
   if not wait:
@@ -204,7 +204,7 @@ BAD_INPUT = {
                                          r'not divisible by patch_size=3'),
     'batch not divisible by devices': (
         [f'--config={SMOKE}', '--config.train.batch_size=60'],
-        {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+        {'XLA_FLAGS': xla_flags(8)},
         r'batch_size=60 is not divisible by the 8 devices'),
 }
 
