@@ -126,13 +126,31 @@ def is_done(step: Step, results_dir: str,
   return (step.method, step.dataset, step.seed, step.protocol) in done_runs
 
 
+# The run reads its winner from the checkout it runs in (cwd `results/`,
+# `tuning.tuned_overrides`), i.e. from the committed tree of its code.
+CHECKOUT_RESULTS = 'results'
+
+
 def ready(step: Step, results_dir: str) -> bool:
-  """Prerequisites: a `tuned` image run needs the images winner."""
+  """Prerequisites: a `tuned` image run needs the images winner.
+
+  In `results_dir` (the tuning step is done) and in this checkout, which
+  is where the run reads it: a winner written to another results_dir but
+  not yet in the checkout would fail the run after its start.
+  """
   if step.kind == 'run' and step.protocol == 'tuned' and \
       not step.dataset.startswith('toy2d'):
-    return is_done(Step('tune', step.method, TUNE_FAMILY), results_dir,
-                   set())
+    winner = Step('tune', step.method, TUNE_FAMILY)
+    return all(is_done(winner, d, set())
+               for d in (results_dir, CHECKOUT_RESULTS))
   return True
+
+
+def waiting_for_checkout(results_dir: str, only: str = '') -> list[str]:
+  """Missing steps whose winner is in `results_dir` but not the checkout."""
+  return [s.name for s in missing(results_dir, only)
+          if not ready(s, results_dir) and is_done(
+              Step('tune', s.method, TUNE_FAMILY), results_dir, set())]
 
 
 def missing(results_dir: str = 'results', only: str = '',
@@ -279,6 +297,8 @@ def run(results_dir: str = 'results', only: str = '',
     est = estimate_s(s, results_dir) / (K_TRIALS if s.kind == 'tune' else 1)
     return time.time() + est <= deadline
 
+  if wait := waiting_for_checkout(results_dir, only):
+    print(f'campaign: {_checkout_note(wait, results_dir)}', flush=True)
   ran: list[str] = []
   failed: set[str] = set()
   while max_steps is None or len(ran) < max_steps:
@@ -318,7 +338,16 @@ def status(results_dir: str = 'results', only: str = '') -> str:
            f'{sum(map(sum, by.values())) / 3600:.1f} CPU-h:']
   lines += [f'  {k:<36} {len(v):>3} steps  {sum(v) / 3600:5.1f} h'
             for k, v in by.items()]
+  if wait := waiting_for_checkout(results_dir, only):
+    lines.append(_checkout_note(wait, results_dir))
   return '\n'.join(lines)
+
+
+def _checkout_note(names: Sequence[str], results_dir: str) -> str:
+  return (f'{len(names)} tuned steps wait for their winner in this checkout '
+          f'(it is in {results_dir}/tuning but not in ./results/tuning): '
+          'commit it and move this checkout to that commit. '
+          f'{", ".join(names[:3])}{", ..." if len(names) > 3 else ""}')
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -72,6 +72,32 @@ def test_done_means_committed_rows_of_clean_code(tmp_path):
   assert 'missing' in campaign.status(str(res))
 
 
+def test_a_winner_only_in_results_dir_waits_for_the_checkout(
+    tmp_path, monkeypatch):
+  # The tuned run reads ./results/tuning (the committed tree it runs in):
+  # a winner written only to --results_dir must not start it (it would
+  # fail after its start), and status says why it waits.
+  res = tmp_path / 'res'
+  d = res / 'tuning' / 'images'
+  d.mkdir(parents=True)
+  (d / 'flow_matching.json').write_text(json.dumps({'overrides': {}}))
+  _write_rows(res, [])
+  checkout = tmp_path / 'checkout'
+  checkout.mkdir()
+  monkeypatch.chdir(checkout)
+  tuned = Step('run', 'flow_matching', 'digits', 0, 'tuned')
+  assert not campaign.ready(tuned, str(res))
+  assert 'flow_matching_digits_tuned_seed0' in campaign.waiting_for_checkout(
+      str(res), 'flow_matching_digits')
+  assert 'wait for their winner in this checkout' in campaign.status(
+      str(res), 'flow_matching_digits')
+  (checkout / 'results' / 'tuning' / 'images').mkdir(parents=True)
+  (checkout / 'results' / 'tuning' / 'images' / 'flow_matching.json'
+   ).write_text(json.dumps({'overrides': {}}))
+  assert campaign.ready(tuned, str(res))
+  assert not campaign.waiting_for_checkout(str(res), 'flow_matching_digits')
+
+
 def test_claims_are_exclusive_and_dead_owners_lose_them(tmp_path,
                                                         monkeypatch):
   monkeypatch.chdir(tmp_path)
