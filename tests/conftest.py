@@ -6,9 +6,10 @@ import os
 # LLVM optimisation passes cost more than they save: at level 0 a smoke
 # U-Net's init compiles in 8.7 s instead of 40 s on one core, and
 # test_backbones + test_images + test_inception took 27 % less CPU (464 s vs
-# 638 s, measured side by side). It is a codegen setting: every tolerance
-# and bitwise test runs under it unchanged; runs outside tests keep XLA's
-# default.
+# 638 s, measured side by side); the fast suite on a clean clone took 716 s
+# of pytest time instead of 1111 s that day. It is a codegen setting: every
+# tolerance and bitwise test runs under it unchanged; runs outside tests
+# keep XLA's default.
 TEST_XLA_OPT = '--xla_backend_optimization_level=0'
 
 
