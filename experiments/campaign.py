@@ -18,11 +18,12 @@ its run dirs) goes on from the committed results:
                             committed code (git_sha without '+dirty')
 
 `run` takes the first missing step whose prerequisites hold (a `tuned` run
-needs its family's winner, committed in the checkout it runs in), claims it (an O_EXCL file under
-runs/campaign/claims, with the owner's pid, so several `run` processes,
-e.g. one per core, share the list without doing a step twice), and runs
-it as a subprocess of the normal CLI (`onestep_bench.main`,
-`onestep_bench.tuning`), logging to runs/campaign/logs/. A distillation
+needs its family's winner, committed in the checkout it runs in), claims
+it (an O_EXCL file under runs/campaign/claims, with the owner's pid, so
+several `run` processes, e.g. one per core, share the list without doing
+a step twice), and runs it as a subprocess of the normal CLI
+(`onestep_bench.main`, `onestep_bench.tuning`), logging to
+runs/campaign/logs/. A distillation
 student (`TEACHER_METHOD`) first gets its teacher's bench run dir back if
 it is gone: the teacher is retrained (deterministic; its rows are
 recorded again and the board keeps the newest). Tuning runs on
