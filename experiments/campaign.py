@@ -147,9 +147,10 @@ def ready(step: Step, results_dir: str) -> bool:
   return True
 
 
-def waiting_for_checkout(results_dir: str, only: str = '') -> list[str]:
-  """Missing steps whose winner is in `results_dir` but not the checkout."""
-  return [s.name for s in missing(results_dir, only)
+def waiting_for_checkout(todo: Sequence[Step], results_dir: str
+                         ) -> list[str]:
+  """Steps of `todo` whose winner is in `results_dir`, not the checkout."""
+  return [s.name for s in todo
           if not ready(s, results_dir) and is_done(
               Step('tune', s.method, TUNE_FAMILY), results_dir, set())]
 
@@ -298,7 +299,8 @@ def run(results_dir: str = 'results', only: str = '',
     est = estimate_s(s, results_dir) / (K_TRIALS if s.kind == 'tune' else 1)
     return time.time() + est <= deadline
 
-  if wait := waiting_for_checkout(results_dir, only):
+  if wait := waiting_for_checkout(missing(results_dir, only, methods),
+                                  results_dir):
     print(f'campaign: {_checkout_note(wait, results_dir)}', flush=True)
   ran: list[str] = []
   failed: set[str] = set()
@@ -339,14 +341,14 @@ def status(results_dir: str = 'results', only: str = '') -> str:
            f'{sum(map(sum, by.values())) / 3600:.1f} CPU-h:']
   lines += [f'  {k:<36} {len(v):>3} steps  {sum(v) / 3600:5.1f} h'
             for k, v in by.items()]
-  if wait := waiting_for_checkout(results_dir, only):
+  if wait := waiting_for_checkout(todo, results_dir):
     lines.append(_checkout_note(wait, results_dir))
   return '\n'.join(lines)
 
 
 def _checkout_note(names: Sequence[str], results_dir: str) -> str:
   return (f'{len(names)} tuned steps wait for their winner in this checkout '
-          f'(it is in {results_dir}/tuning but not in ./results/tuning): '
+          f'(it is in {results_dir}/tuning, not in {CHECKOUT_RESULTS}/tuning): '
           'commit it and move this checkout to that commit. '
           f'{", ".join(names[:3])}{", ..." if len(names) > 3 else ""}')
 

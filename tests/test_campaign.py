@@ -87,15 +87,16 @@ def test_a_winner_only_in_results_dir_waits_for_the_checkout(
   monkeypatch.chdir(checkout)
   tuned = Step('run', 'flow_matching', 'digits', 0, 'tuned')
   assert not campaign.ready(tuned, str(res))
+  todo = campaign.missing(str(res), 'flow_matching_digits')
   assert 'flow_matching_digits_tuned_seed0' in campaign.waiting_for_checkout(
-      str(res), 'flow_matching_digits')
+      todo, str(res))
   assert 'wait for their winner in this checkout' in campaign.status(
       str(res), 'flow_matching_digits')
   (checkout / 'results' / 'tuning' / 'images').mkdir(parents=True)
   (checkout / 'results' / 'tuning' / 'images' / 'flow_matching.json'
    ).write_text(json.dumps({'overrides': {}}))
   assert campaign.ready(tuned, str(res))
-  assert not campaign.waiting_for_checkout(str(res), 'flow_matching_digits')
+  assert not campaign.waiting_for_checkout(todo, str(res))
 
 
 def test_claims_are_exclusive_and_dead_owners_lose_them(tmp_path,
