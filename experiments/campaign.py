@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 from onestep_bench.csvstore import read_csv
 from onestep_bench.method import available_methods, method_module
+from onestep_bench.tuning import winner_path
 
 SEEDS = (0, 1, 2)
 TOY = ('toy2d:8gaussians', 'toy2d:8gaussians_imbalanced',
@@ -122,8 +123,7 @@ def is_done(step: Step, results_dir: str,
             done_runs: set[tuple[str, str, int, str]]) -> bool:
   """Whether `results_dir` holds the step's result (`_done_runs` rows)."""
   if step.kind == 'tune':
-    return os.path.exists(os.path.join(results_dir, 'tuning', step.dataset,
-                                       f'{step.method}.json'))
+    return os.path.exists(winner_path(step.method, step.dataset, results_dir))
   return (step.method, step.dataset, step.seed, step.protocol) in done_runs
 
 

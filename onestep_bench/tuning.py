@@ -300,7 +300,7 @@ def tune(method: str, family: str, *, k: int | None = None,
                 r.get('train_flops') or 0.0 for r in rows)},
             'validation': validation,
             **({'validation_measure': scorer.describe()} if image else {})}
-  atomic_write(os.path.join(out_dir, f'{method}.json'),
+  atomic_write(winner_path(method, family, results_dir),
                json.dumps(winner, indent=1, default=str) + '\n')
   return winner
 
@@ -319,10 +319,16 @@ def _recorded_trials(path: str) -> dict[int, dict[str, Any]]:
   return out
 
 
+def winner_path(method: str, family: str,
+                results_dir: str = 'results') -> str:
+  """Where `tune` writes, and runs read, `method`'s winner on `family`."""
+  return os.path.join(results_dir, 'tuning', family, f'{method}.json')
+
+
 def tuned_overrides(method: str, family: str,
                     results_dir: str = 'results') -> dict[str, Any]:
   """The committed winner of `method` on `family` (ValueError if none)."""
-  path = os.path.join(results_dir, 'tuning', family, f'{method}.json')
+  path = winner_path(method, family, results_dir)
   if not os.path.exists(path):
     raise ValueError(f'No tuned config for {method} on {family} ({path}); '
                      f'run: python -m onestep_bench.tuning --method={method} '
